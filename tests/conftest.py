@@ -42,3 +42,10 @@ def image_files(tmp_path: Path) -> list[Path]:
     red.write_bytes(make_image_bytes(64, 48, (200, 30, 30), "PNG"))
     blue.write_bytes(make_image_bytes(80, 60, (30, 30, 200), "JPEG"))
     return [red, blue]
+
+
+# Nothing in the tests may reach the Hugging Face Hub (no network here).
+import os as _os
+
+_os.environ.setdefault("HF_HUB_OFFLINE", "1")
+_os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
