@@ -130,7 +130,7 @@ class Image:
         if self.kind in ("url", "path"):
             shown = str(self.source)
         elif self.kind == "data_uri":
-            shown = self.source[:30] + f"...({len(self.source)} chars)"
+            shown = self.source.partition(",")[0][:60] + f",...({len(self.source)} chars)"
         elif self.kind == "pil":
             shown = f"{self.source.mode} {self.source.size[0]}x{self.source.size[1]}"
         else:
