@@ -1,0 +1,171 @@
+"""``mantis-llm ask IMAGE [IMAGE ...] --prompt TEXT``: ask Mantis about images from a shell.
+
+Exit codes: 0 success; 2 usage, configuration or input errors (bad option, missing
+FAL_KEY, unreadable or unsupported image, rejected request, bad credentials); 1 backend
+failures (fal 5xx or job error, rate limit, timeout); 130 interrupted (Ctrl-C).
+Errors are one ``error: ...`` line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence, TextIO
+
+from . import __version__
+from .backends import BACKEND_NAMES, DEFAULT_FAL_ENDPOINT, DEFAULT_LOCAL_MODEL, resolve_backend
+from .errors import (
+    AuthenticationError,
+    ConfigurationError,
+    InvalidRequestError,
+    MantisError,
+)
+from .types import Conversation, GenerationParams, Image, Request, Response, Update
+
+USER_ERRORS = (ConfigurationError, InvalidRequestError, AuthenticationError)
+NO_KEY = (
+    "error: FAL_KEY is not set; get a key at https://fal.ai/dashboard/keys and run "
+    "`export FAL_KEY=...` (or use --backend local)"
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mantis-llm",
+        description="Ask Mantis (multi-image LLaVA) about one or more images.",
+        epilog="Exit codes: 0 ok, 1 backend failure, 2 usage/configuration/input error, 130 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    ask = sub.add_parser(
+        "ask",
+        help="ask a question about images",
+        description="Ask a question about images (file paths, http(s) URLs or data URIs), in order.",
+    )
+    ask.add_argument("images", nargs="+", metavar="IMAGE", help="image file path, http(s) URL or data URI")
+    ask.add_argument("-p", "--prompt", required=True, help="the question (images come first, as image 1, 2, ...)")
+    ask.add_argument("--backend", choices=BACKEND_NAMES, default="fal", help="fal (hosted, needs FAL_KEY) or local")
+    ask.add_argument(
+        "--model",
+        metavar="ID_OR_PATH",
+        help=f"fal endpoint id (default {DEFAULT_FAL_ENDPOINT}) or local model id/path (default {DEFAULT_LOCAL_MODEL})",
+    )
+    ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    ask.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object {text, model, finish_reason, usage, request_id} instead of the text",
+    )
+    ask.add_argument("--max-tokens", type=int, metavar="N", help="maximum number of tokens to generate")
+    ask.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (0 = greedy)")
+    ask.add_argument("-v", "--verbose", action="store_true", help="print fal queue updates to stderr")
+    return parser
+
+
+def _has_fal_key() -> bool:
+    env = os.environ
+    return bool(env.get("FAL_KEY") or (env.get("FAL_KEY_ID") and env.get("FAL_KEY_SECRET")))
+
+
+def _load_images(sources: Sequence[str]) -> list[Image]:
+    images = []
+    for i, src in enumerate(sources, 1):
+        try:
+            img = Image(src)
+            if not img.is_remote:
+                img.data  # read local files now, so a typo fails before any network call
+        except MantisError as exc:
+            raise type(exc)(f"image {i}: {exc.message}") from None
+        images.append(img)
+    return images
+
+
+class _Progress:
+    """Prints each new queue status and log line to stderr."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out, self.last, self.logs = out, None, set()
+
+    def __call__(self, update: Update) -> None:
+        state = (update.status, update.queue_position)
+        if state != self.last:
+            self.last = state
+            where = f" (position {update.queue_position})" if update.queue_position is not None else ""
+            print(f"[{update.status.lower()}{where}]", file=self.out, flush=True)
+        for entry in update.logs:
+            key = (entry.get("timestamp"), entry.get("message"))
+            if entry.get("message") and key not in self.logs:
+                self.logs.add(key)
+                print(f"  {entry['message']}", file=self.out, flush=True)
+
+
+def _as_json(response: Response) -> str:
+    usage = response.usage
+    return json.dumps(
+        {
+            "text": response.text,
+            "model": response.model,
+            "finish_reason": response.finish_reason,
+            "usage": None
+            if usage is None
+            else {
+                "input_tokens": usage.input_tokens,
+                "output_tokens": usage.output_tokens,
+                "total_tokens": usage.total_tokens,
+            },
+            "request_id": response.request_id,
+        },
+        ensure_ascii=False,
+    )
+
+
+def _ask(args: argparse.Namespace) -> int:
+    if args.backend == "fal" and not _has_fal_key():
+        print(NO_KEY, file=sys.stderr)
+        return 2
+    params = GenerationParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    request = Request(Conversation.from_prompt(args.prompt, _load_images(args.images)), params)
+    on_update = _Progress(sys.stderr) if (args.verbose or sys.stderr.isatty()) else None
+    with resolve_backend(args.backend, args.model) as backend:
+        if args.stream:
+            response = None
+            for chunk in backend.stream(request, on_update=on_update):
+                if not args.json and chunk.text:
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+                response = chunk.response or response
+            if response is None:  # a backend must end with a response; do not print nothing silently
+                raise MantisError("the backend ended the stream without a final response")
+            print(_as_json(response) if args.json else "")
+        else:
+            response = backend.generate(request, on_update=on_update)
+            print(_as_json(response) if args.json else response.text)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mantis-llm`` command; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors (argparse printed them)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return _ask(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except MantisError as exc:
+        message = " ".join(str(exc).split())  # always one line
+        print(f"error: {message}", file=sys.stderr)
+        return 2 if isinstance(exc, USER_ERRORS) else 1
+    except BrokenPipeError:  # e.g. piped into `head`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
