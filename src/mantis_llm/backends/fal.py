@@ -1,0 +1,400 @@
+"""FalBackend: Mantis hosted at fal, over httpx.
+
+The protocol (requests, retries, errors, deadlines) lives in :mod:`._fal_protocol` as
+generators that yield actions; this module only runs them, once with an
+:class:`httpx.Client` and once with an :class:`httpx.AsyncClient`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any, AsyncIterator, ClassVar, Iterator, Literal, Sequence
+
+import httpx
+from pydantic import SecretStr
+
+from ..errors import ConfigurationError
+from ..images import ImageOptions
+from ..types import Chunk, Request, Response
+from . import _fal_protocol as proto
+from .base import Backend, OnUpdate
+
+logger = logging.getLogger("mantis_llm.fal")
+
+Mode = Literal["queue", "sync", "stream"]
+_UNSET: Any = object()
+_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=100)
+_STREAM_ERRORS = (httpx.HTTPError, httpx.StreamError)
+
+
+def _resolve_key(api_key: "str | SecretStr | None") -> SecretStr:
+    if isinstance(api_key, SecretStr):
+        api_key = api_key.get_secret_value()
+    if not api_key:
+        api_key = os.environ.get("FAL_KEY")
+    if not api_key and os.environ.get("FAL_KEY_ID") and os.environ.get("FAL_KEY_SECRET"):
+        api_key = f"{os.environ['FAL_KEY_ID']}:{os.environ['FAL_KEY_SECRET']}"
+    if not api_key:
+        raise ConfigurationError(
+            "no fal API key: `export FAL_KEY=...` (or FAL_KEY_ID and FAL_KEY_SECRET), or pass api_key="
+        )
+    return SecretStr(api_key.strip())
+
+
+def _url(value: str | None, env: str, default: str) -> str:
+    url = (value or os.environ.get(env) or default).strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ConfigurationError(f"{env.lower().removeprefix('fal_')} {url!r} must be an http(s) URL")
+    return url
+
+
+class FalBackend(Backend):
+    """Runs Mantis on fal (``fal-ai/mantis-llava-7b-v11`` by default).
+
+    Modes:
+
+    ``"queue"`` (default)
+        fal's queue: submit, follow the status stream (SSE; polling from 20 ms up to 1 s
+        when the stream is unavailable), fetch the result. ``on_update`` sees the queue
+        position and (``with_logs=True``) the app's log lines; a timeout or cancellation
+        cancels the job at fal. fal retries the job on its own infrastructure failures.
+        ``stream()`` yields the whole answer as one chunk: the queue has no token stream.
+    ``"sync"``
+        One POST to ``run_url``: the fewest round trips, no updates, no server-side retries.
+    ``"stream"``
+        fal's direct SSE endpoint (``{run_url}/{endpoint}/stream``): ``stream()`` yields the
+        text as it is generated; stopping early (stop sequence, timeout) drops the
+        connection, which cancels the run at fal.
+
+    Args:
+        endpoint: fal endpoint id.
+        api_key: fal key (``str`` or ``SecretStr``); else ``FAL_KEY``, else
+            ``FAL_KEY_ID:FAL_KEY_SECRET``. Kept as a ``SecretStr``, sent only to the
+            queue/run/REST hosts below.
+        queue_url, run_url, rest_url, cdn_url: base URLs; else the env vars
+            ``FAL_QUEUE_URL``, ``FAL_RUN_URL``, ``FAL_REST_URL``, ``FAL_CDN_URL``; else fal's.
+        timeout: seconds for the whole call (upload, queue, generation, result); default 600.
+        max_retries: retries per HTTP step (default 5) for what is safe to retry: 408/409/429
+            (honouring ``Retry-After``), fal-ingress 502/503/504, connection errors on reads.
+            A submit is retried only when fal's answer proves no job was created.
+        client, async_client: your own httpx clients (used as they are, never closed here).
+        upload_threshold: local images whose data URI is longer than this many bytes are
+            uploaded to fal storage (once per content, for the backend's life) and sent by URL.
+        image_options: :class:`~mantis_llm.images.ImageOptions` (size limits, downsizing);
+            ``image_short_side=`` is a shortcut for its ``short_side``.
+        with_logs: ask fal for the app's log lines (reported through ``on_update``).
+        extra_input: more fields for the endpoint's input JSON (e.g. ``{"max_new_tokens": 64}``).
+        max_concurrency: threads :meth:`generate_batch` uses.
+
+    Responses have ``finish_reason="stop"`` when one of our stop sequences cut the text
+    (fal applies none; we trim client-side), else None: fal reports no finish reason and
+    no token counts (``usage`` is None). ``metrics`` has the request id, ``elapsed``,
+    ``queue_time``, ``inference_time``, ``status_transport`` (sse/poll), ``status_requests``,
+    ``retries`` and ``uploads``.
+
+    Async use: one pooled ``AsyncClient`` is kept per event loop (an httpx client cannot
+    cross loops), so the backend also works from several ``asyncio.run()`` calls; call
+    :meth:`aclose` inside the loop to close its connections. On ``asyncio`` cancellation the
+    job is cancelled at fal and ``CancelledError`` propagates. On ``KeyboardInterrupt`` in
+    sync code the job is cancelled too and the ``KeyboardInterrupt`` propagates (turning it
+    into an ordinary exception would let ``except Exception`` swallow Ctrl-C).
+    """
+
+    provider: ClassVar[str] = "fal"
+
+    def __init__(
+        self,
+        endpoint: str = "fal-ai/mantis-llava-7b-v11",
+        *,
+        api_key: "str | SecretStr | None" = None,
+        queue_url: str | None = None,
+        run_url: str | None = None,
+        rest_url: str | None = None,
+        cdn_url: str | None = None,
+        mode: Mode = "queue",
+        timeout: float | None = None,
+        max_retries: int = 5,
+        client: httpx.Client | None = None,
+        async_client: httpx.AsyncClient | None = None,
+        upload_threshold: int = 1_000_000,
+        image_options: ImageOptions | None = None,
+        image_short_side: int | None = _UNSET,
+        with_logs: bool = False,
+        extra_input: dict[str, Any] | None = None,
+        max_concurrency: int = 16,
+    ) -> None:
+        if mode not in proto.FLOWS:
+            raise ConfigurationError(f"mode must be one of {tuple(proto.FLOWS)}, not {mode!r}")
+        if not isinstance(endpoint, str) or endpoint.strip("/").count("/") < 1:
+            raise ConfigurationError(f"fal endpoint id {endpoint!r} must look like 'owner/app'")
+        if timeout is not None and not timeout > 0:
+            raise ConfigurationError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ConfigurationError(f"max_retries must be a non-negative integer, not {max_retries!r}")
+        options = image_options or ImageOptions()
+        if image_short_side is not _UNSET:
+            options = replace(options, short_side=image_short_side)
+        self.model = endpoint.strip("/")
+        self.mode: Mode = mode
+        self.image_options = options
+        self.max_concurrency = max_concurrency
+        self._config = proto.FalConfig(
+            endpoint=self.model,
+            key=_resolve_key(api_key),
+            queue_url=_url(queue_url, "FAL_QUEUE_URL", proto.DEFAULT_QUEUE_URL),
+            run_url=_url(run_url, "FAL_RUN_URL", proto.DEFAULT_RUN_URL),
+            rest_url=_url(rest_url, "FAL_REST_URL", proto.DEFAULT_REST_URL),
+            cdn_url=_url(cdn_url, "FAL_CDN_URL", proto.DEFAULT_CDN_URL),
+            timeout=float(timeout or 600.0),
+            max_retries=max_retries,
+            with_logs=with_logs,
+            upload_threshold=upload_threshold,
+            extra_input=dict(extra_input or {}),
+        )
+        self._state = proto.SharedState()
+        self._user_client, self._user_async_client = client, async_client
+        self._client: httpx.Client | None = None
+        self._async_clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ config views
+
+    @property
+    def endpoint(self) -> str:
+        return self.model
+
+    @property
+    def api_key(self) -> SecretStr:
+        return self._config.key
+
+    queue_url = property(lambda self: self._config.queue_url)
+    run_url = property(lambda self: self._config.run_url)
+    rest_url = property(lambda self: self._config.rest_url)
+    cdn_url = property(lambda self: self._config.cdn_url)
+    timeout = property(lambda self: self._config.timeout)
+    max_retries = property(lambda self: self._config.max_retries)
+
+    def __repr__(self) -> str:
+        c = self._config
+        return (f"FalBackend(endpoint={c.endpoint!r}, mode={self.mode!r}, queue_url={c.queue_url!r}, "
+                f"run_url={c.run_url!r}, rest_url={c.rest_url!r}, cdn_url={c.cdn_url!r}, "
+                f"timeout={c.timeout:g}, api_key=SecretStr('**********'))")
+
+    def __reduce__(self):
+        raise TypeError("FalBackend holds an API key and open connections; it cannot be pickled")
+
+    # ------------------------------------------------------------------ clients
+
+    def _sync_client(self) -> httpx.Client:
+        if self._user_client is not None:
+            return self._user_client
+        with self._lock:
+            if self._client is None:
+                self._client = httpx.Client(limits=_LIMITS, follow_redirects=False, trust_env=True)
+            return self._client
+
+    def _async_client(self) -> httpx.AsyncClient:
+        if self._user_async_client is not None:
+            return self._user_async_client
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            client = self._async_clients.get(loop)
+            if client is None:
+                for old in [lp for lp in self._async_clients if lp.is_closed()]:
+                    del self._async_clients[old]  # its loop is gone; its sockets go with it
+                client = self._async_clients[loop] = httpx.AsyncClient(limits=_LIMITS, follow_redirects=False)
+            return client
+
+    def close(self) -> None:
+        """Close the pooled sync client (and forget async clients; prefer :meth:`aclose`)."""
+        with self._lock:
+            client, self._client = self._client, None
+            self._async_clients.clear()
+        if client is not None:
+            client.close()
+
+    async def aclose(self) -> None:
+        """Close the pooled clients (the async one of the running loop included)."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            client = self._async_clients.pop(loop, None)
+        if client is not None:
+            await client.aclose()
+        self.close()
+
+    # ------------------------------------------------------------------ drivers
+
+    def _call(self, request: Request, on_update: OnUpdate | None, mode: str | None = None):
+        call = proto.Call(self._config, self._state, request, on_update=on_update)
+        call.metrics["mode"] = mode or self.mode
+        # Only with fetch_remote do we download images (from their own hosts, without our key).
+        fetcher = self._sync_client() if self.image_options.fetch_remote else None
+        return proto.run_flow(mode or self.mode, call, self.image_options, fetcher)
+
+    def _drive(self, flow, client: httpx.Client) -> Iterator[Chunk]:
+        """Run a flow with blocking I/O, yielding its chunks."""
+        streams: dict[int, tuple[httpx.Response, Iterator[bytes]]] = {}
+        value: Any = None
+        throw: BaseException | None = None
+        try:
+            while True:
+                try:
+                    action = flow.throw(throw) if throw is not None else flow.send(value)
+                except StopIteration:
+                    return
+                value, throw = None, None
+                try:
+                    if isinstance(action, proto.Send):
+                        try:
+                            value = client.send(action.request, stream=action.stream)
+                        except httpx.HTTPError as exc:
+                            value = exc
+                        else:
+                            if action.stream:
+                                streams[id(value)] = (value, value.iter_bytes())
+                    elif isinstance(action, proto.Read):
+                        try:
+                            value = next(streams[id(action.response)][1], b"")
+                        except _STREAM_ERRORS as exc:
+                            value = exc if isinstance(exc, httpx.HTTPError) else httpx.ReadError(str(exc))
+                    elif isinstance(action, proto.Close):
+                        entry = streams.pop(id(action.response), None)
+                        if entry:
+                            entry[0].close()
+                    elif isinstance(action, proto.Sleep):
+                        time.sleep(action.seconds)
+                    elif isinstance(action, proto.Offload):
+                        value = action.fn(*action.args)
+                    elif isinstance(action, proto.Emit):
+                        yield action.chunk
+                except KeyboardInterrupt as exc:
+                    self._close_streams(streams)
+                    throw = exc  # the flow cancels the fal job, then re-raises it
+                except Exception as exc:  # from Offload (image errors): let the flow see it
+                    throw = exc
+        finally:
+            self._close_streams(streams)
+            flow.close()
+
+    @staticmethod
+    def _close_streams(streams: dict) -> None:
+        for resp, _ in streams.values():
+            try:
+                resp.close()
+            except Exception:  # noqa: BLE001 - closing a broken stream must not mask the real error
+                pass
+        streams.clear()
+
+    async def _adrive(self, flow, client: httpx.AsyncClient) -> AsyncIterator[Chunk]:
+        """Run a flow with asyncio I/O, yielding its chunks."""
+        streams: dict[int, tuple[httpx.Response, AsyncIterator[bytes]]] = {}
+        value: Any = None
+        throw: BaseException | None = None
+        cancelling = False
+        try:
+            while True:
+                try:
+                    action = flow.throw(throw) if throw is not None else flow.send(value)
+                except StopIteration:
+                    return
+                value, throw = None, None
+                try:
+                    if isinstance(action, proto.Send):
+                        try:
+                            send = client.send(action.request, stream=action.stream)
+                            # Once cancelled, the flow's last request (the cancel PUT) must
+                            # run to its end even if the task is cancelled again.
+                            value = await (asyncio.shield(send) if cancelling else send)
+                        except httpx.HTTPError as exc:
+                            value = exc
+                        else:
+                            if action.stream:
+                                streams[id(value)] = (value, value.aiter_bytes())
+                    elif isinstance(action, proto.Read):
+                        try:
+                            it = streams[id(action.response)][1]
+                            value = await asyncio.wait_for(it.__anext__(), action.timeout)
+                        except StopAsyncIteration:
+                            value = b""
+                        except asyncio.TimeoutError:
+                            value = httpx.ReadTimeout("no data before the deadline")
+                        except _STREAM_ERRORS as exc:
+                            value = exc if isinstance(exc, httpx.HTTPError) else httpx.ReadError(str(exc))
+                    elif isinstance(action, proto.Close):
+                        entry = streams.pop(id(action.response), None)
+                        if entry:
+                            await entry[0].aclose()
+                    elif isinstance(action, proto.Sleep):
+                        await asyncio.sleep(action.seconds)
+                    elif isinstance(action, proto.Offload):
+                        value = await asyncio.to_thread(action.fn, *action.args)
+                    elif isinstance(action, proto.Emit):
+                        yield action.chunk
+                except asyncio.CancelledError as exc:
+                    if cancelling:
+                        raise
+                    cancelling = True
+                    await self._aclose_streams(streams)
+                    throw = exc  # the flow cancels the fal job, then re-raises it
+                except Exception as exc:
+                    throw = exc
+        finally:
+            await self._aclose_streams(streams)
+            flow.close()
+
+    @staticmethod
+    async def _aclose_streams(streams: dict) -> None:
+        for resp, _ in streams.values():
+            try:
+                await resp.aclose()
+            except BaseException:  # noqa: BLE001
+                pass
+        streams.clear()
+
+    # ------------------------------------------------------------------ Backend API
+
+    def generate(self, request: Request, *, on_update: OnUpdate | None = None) -> Response:
+        """Run one request to completion (in stream mode the chunks are joined)."""
+        last = None
+        for last in self.stream(request, on_update=on_update):
+            pass
+        assert last is not None and last.response is not None
+        return last.response
+
+    async def agenerate(self, request: Request, *, on_update: OnUpdate | None = None) -> Response:
+        last = None
+        async for last in self.astream(request, on_update=on_update):
+            pass
+        assert last is not None and last.response is not None
+        return last.response
+
+    def stream(self, request: Request, *, on_update: OnUpdate | None = None) -> Iterator[Chunk]:
+        """Text chunks as fal produces them (mode "stream"), else the whole answer at once."""
+        yield from self._drive(self._call(request, on_update), self._sync_client())
+
+    async def astream(self, request: Request, *, on_update: OnUpdate | None = None) -> AsyncIterator[Chunk]:
+        client = self._async_client()
+        agen = self._adrive(self._call(request, on_update), client)
+        try:
+            async for chunk in agen:
+                yield chunk
+        finally:
+            await agen.aclose()
+
+    def generate_batch(self, requests: Sequence[Request]) -> list[Response]:
+        """Run the requests concurrently on the pooled client (threads); order is kept."""
+        if len(requests) <= 1:
+            return [self.generate(r) for r in requests]
+        with ThreadPoolExecutor(max_workers=max(1, min(self.max_concurrency, len(requests)))) as pool:
+            return list(pool.map(self.generate, requests))
+
+    async def agenerate_batch(self, requests: Sequence[Request]) -> list[Response]:
+        """Run the requests concurrently on one event loop; order is kept."""
+        return list(await asyncio.gather(*(self.agenerate(r) for r in requests)))
+
