@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import httpx
 
-from .errors import ImageError
+from .errors import ConfigurationError, ImageError
 from .types import Image
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -78,13 +78,13 @@ class ImageOptions:
         for name in ("max_bytes", "max_pixels", "max_redirects"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "max_redirects" else 1):
-                raise ValueError(f"ImageOptions.{name} must be a positive integer, not {v!r}")
+                raise ConfigurationError(f"ImageOptions.{name} must be a positive integer, not {v!r}")
         if self.short_side is not None and (
             isinstance(self.short_side, bool) or not isinstance(self.short_side, int) or self.short_side < 1
         ):
-            raise ValueError(f"ImageOptions.short_side must be a positive integer or None, not {self.short_side!r}")
+            raise ConfigurationError(f"ImageOptions.short_side must be a positive integer or None, not {self.short_side!r}")
         if not isinstance(self.fetch_timeout, (int, float)) or self.fetch_timeout <= 0:
-            raise ValueError(f"ImageOptions.fetch_timeout must be a positive number, not {self.fetch_timeout!r}")
+            raise ConfigurationError(f"ImageOptions.fetch_timeout must be a positive number, not {self.fetch_timeout!r}")
 
 
 DEFAULT_OPTIONS = ImageOptions()
@@ -131,8 +131,8 @@ def sniff_mime(data: bytes) -> str | None:
         return "image/gif"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "image/webp"
-    if head.startswith(b"BM") and len(head) >= 14:
-        return "image/bmp"
+    if head.startswith(b"BM") and int.from_bytes(head[14:18], "little") in (12, 40, 52, 56, 64, 108, 124):
+        return "image/bmp"  # "BM" plus a known DIB header size (so text starting "BM" is not a BMP)
     if head.startswith(b"%PDF"):
         return "application/pdf"
     if head[:4] in (b"II*\x00", b"MM\x00*"):
@@ -148,7 +148,7 @@ def sniff_mime(data: bytes) -> str | None:
         return "image/x-icon"
     text = bytes(data[:1024]).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if text.startswith(b"<"):
-        if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in text:
             return "text/html"
         if b"<svg" in text:
             return "image/svg+xml"

@@ -105,3 +105,120 @@ def test_entry_points_exit_2_without_key(entry, image_files):
                          env=env, timeout=60)
     assert out.returncode == 2 and out.stdout == ""
     assert one_line(out.stderr).startswith("error: FAL_KEY is not set")
+
+
+# --- against the fal emulator ----------------------------------------------------------
+
+
+@pytest.fixture
+def emu(monkeypatch):
+    pytest.importorskip("mantis_llm.backends.fal", reason="the fal backend has not landed yet")
+    from mantis_llm.emulator import FalEmulator
+
+    with FalEmulator(key=None, service_time=0.02) as emulator:
+        monkeypatch.setenv("FAL_KEY", "dummy-test-key")
+        monkeypatch.setenv("FAL_QUEUE_URL", emulator.url)
+        monkeypatch.setenv("FAL_RUN_URL", emulator.url + "/run")
+        yield emulator
+
+
+def expected_text(emu) -> str:
+    from mantis_llm.emulator import expected_output
+
+    return expected_output(emu.submissions[-1].payload)
+
+
+QUESTION = "What are the differences between these two images?"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_ask_prints_the_answer(capsys, emu, image_files, stream):
+    argv = ["ask", *map(str, image_files), "--prompt", QUESTION] + (["--stream"] if stream else [])
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert len(emu.submissions) == 1
+    payload = emu.submissions[0].payload
+    assert payload["prompt"] == "<image> <image> " + QUESTION
+    assert [i["image_url"][:22] for i in payload["images"]] == ["data:image/png;base64,", "data:image/jpeg;base64"]
+    assert out == expected_text(emu) + "\n"
+    assert "2 images" in out
+    assert err == ""  # stderr is not a tty and --verbose is off: no progress lines
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_ask_json(capsys, emu, image_files, stream):
+    argv = ["ask", str(image_files[0]), "-p", "Describe.", "--json", "--max-tokens", "3", "--temperature", "0"]
+    code, out, err = run(capsys, *argv + (["--stream"] if stream else []))
+    assert code == 0, err
+    data = json.loads(out)  # exactly one JSON object, even when streaming
+    assert set(data) == {"text", "model", "finish_reason", "usage", "request_id"}
+    assert data["text"] == expected_text(emu) and len(data["text"].split()) == 3
+    assert data["model"] == "fal-ai/mantis-llava-7b-v11"
+    assert data["request_id"] == emu.submissions[0].request_id
+    payload = emu.submissions[0].payload
+    assert payload["max_tokens"] == 3 and payload["temperature"] == 0
+
+
+def test_ask_verbose_prints_queue_updates(capsys, emu, image_files):
+    code, out, err = run(capsys, "ask", str(image_files[0]), "-p", "hi", "--verbose")
+    assert code == 0
+    assert "[completed]" in err or "[in_progress]" in err
+    assert out.strip() == expected_text(emu)
+
+
+def test_ask_remote_url_passed_through(capsys, emu):
+    url = "https://example.com/cat.png?sig=1"
+    code, out, err = run(capsys, "ask", url, "-p", "hi")
+    # the emulator cannot fetch the internet; what matters is that the URL went to fal untouched
+    assert emu.submissions and emu.submissions[0].payload["images"] == [{"image_url": url}]
+
+
+def test_ask_backend_failure_exits_1(capsys, emu, image_files):
+    emu.faults = {"job_error": 1.0}
+    code, out, err = run(capsys, "ask", str(image_files[0]), "-p", "hi")
+    assert code == 1 and out == ""
+    assert one_line(err).startswith("error: ") and "dummy-test-key" not in err
+
+
+def test_ask_bad_key_exits_2(capsys, monkeypatch, image_files):
+    pytest.importorskip("mantis_llm.backends.fal", reason="the fal backend has not landed yet")
+    from mantis_llm.emulator import FalEmulator
+
+    with FalEmulator() as emulator:  # accepts only its own key
+        monkeypatch.setenv("FAL_KEY", "wrong-key")
+        monkeypatch.setenv("FAL_QUEUE_URL", emulator.url)
+        monkeypatch.setenv("FAL_RUN_URL", emulator.url + "/run")
+        code, out, err = run(capsys, "ask", str(image_files[0]), "-p", "hi")
+    assert code == 2 and out == ""
+    line = one_line(err)
+    assert "HTTP 401" in line and "wrong-key" not in line
+
+
+def test_ctrl_c_exits_130_without_traceback(image_files):
+    pytest.importorskip("mantis_llm.backends.fal", reason="the fal backend has not landed yet")
+    import os
+    import signal
+    import time
+
+    from mantis_llm.emulator import FalEmulator
+
+    with FalEmulator(key=None, hang=True) as emulator:
+        env = {k: v for k, v in os.environ.items() if k not in FAL_ENV}
+        env.update(FAL_KEY="dummy", FAL_QUEUE_URL=emulator.url, FAL_RUN_URL=emulator.url + "/run")
+        proc = subprocess.Popen([sys.executable, "-m", "mantis_llm", "ask", str(image_files[0]), "-p", "hi"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 20
+            while not emulator.submissions and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert emulator.submissions, "the CLI never submitted"
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err and err.strip() == "interrupted"
+        assert emulator.cancelled == [emulator.submissions[0].request_id]  # fal job cancelled on the way out

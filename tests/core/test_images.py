@@ -11,7 +11,7 @@ import httpx
 import pytest
 from PIL import Image as PILImage
 
-from mantis_llm.errors import ImageError
+from mantis_llm.errors import ConfigurationError, ImageError
 from mantis_llm.images import (
     EncodedImage,
     ImageOptions,
@@ -61,6 +61,9 @@ def test_sniff_mime_from_real_encodings(make_image, fmt, mime):
         (b"\xef\xbb\xbf  <!DOCTYPE html><html></html>", "text/html"),
         (b"<?xml version='1.0'?><root/>", "application/xml"),
         (b"hello, I am not an image", "text/plain"),
+        (b"BMW 320i, 1998, 180000 km, good condition", "text/plain"),
+        (b"<!-- generated --><html><body></body></html>", "text/html"),
+        ("caf\u00e9 na\u00efve \u2603".encode() * 200, "text/plain"),
         (b"\x00\x01\x02\x03garbage\xff\xfe", None),
         (b"", None),
     ],
@@ -177,7 +180,7 @@ def test_no_label_means_plain_message(png_bytes):
 def test_options_validate():
     for bad in ({"max_bytes": 0}, {"max_pixels": -1}, {"short_side": 0}, {"fetch_timeout": 0},
                 {"max_redirects": -1}, {"short_side": True}):
-        with pytest.raises(ValueError):
+        with pytest.raises(ConfigurationError, match="ImageOptions"):
             ImageOptions(**bad)
 
 
