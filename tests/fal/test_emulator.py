@@ -1,0 +1,503 @@
+"""FalEmulator against plain httpx: every route, status codes, SSE framing, auth, 422 shape,
+cancel semantics, seeded faults, the recorder, concurrency and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from mantis_llm.emulator import (
+    DEFAULT_APPS,
+    FORBIDDEN_KEY,
+    HANG,
+    FalEmulator,
+    Faults,
+    JobError,
+    expected_digest,
+    expected_output,
+)
+
+APP = DEFAULT_APPS[0]
+
+
+@pytest.fixture
+def emu():
+    with FalEmulator(service_time=0.05) as e:
+        yield e
+
+
+@pytest.fixture
+def client(emu):
+    with httpx.Client(headers={"Authorization": f"Key {emu.key}"}, timeout=10) as c:
+        yield c
+
+
+@pytest.fixture
+def payload(png_bytes):
+    uri = "data:image/png;base64," + base64.b64encode(png_bytes).decode()
+    return {"prompt": "USER: compare <image> and <image> ASSISTANT:", "images": [
+        {"image_url": uri}, {"image_url": "https://example.com/cat.jpg"}]}
+
+
+def sse_events(response: httpx.Response) -> list[dict]:
+    """Parse an SSE body strictly: every event is 'data: <json>' followed by a blank line."""
+    events = []
+    for block in response.text.split("\n\n"):
+        if not block or block.startswith(":"):
+            continue
+        assert block.startswith("data: ") and "\n" not in block, block
+        events.append(json.loads(block[len("data: "):]))
+    assert response.text.endswith("\n\n")
+    return events
+
+
+def wait_done(client, sub) -> dict:
+    with client.stream("GET", sub["status_url"] + "/stream") as r:
+        r.read()
+    return client.get(sub["status_url"]).json()
+
+
+# ------------------------------------------------------------------ queue
+
+
+def test_submit_status_result(emu, client, payload):
+    r = client.post(f"{emu.url}/{APP}", json=payload)
+    assert r.status_code == 200
+    sub = r.json()
+    rid = sub["request_id"]
+    base = f"{emu.url}/{APP}/requests/{rid}"
+    assert sub["status"] == "IN_QUEUE" and sub["queue_position"] == 0
+    assert (sub["response_url"], sub["status_url"], sub["cancel_url"]) == (base, base + "/status", base + "/cancel")
+    assert r.headers["x-fal-request-id"] == rid
+
+    early = client.get(sub["status_url"])
+    assert early.status_code == 202 and early.json()["status"] in ("IN_QUEUE", "IN_PROGRESS")
+    assert early.json()["logs"] is None
+    not_ready = client.get(sub["response_url"])
+    assert not_ready.status_code == 400 and not_ready.json() == {"detail": "Request is still in progress"}
+
+    done = wait_done(client, sub)
+    assert done["status"] == "COMPLETED" and done["logs"] is None
+    assert 0.04 <= done["metrics"]["inference_time"] < 1 and "error" not in done
+    final = client.get(sub["status_url"], params={"logs": "true"})
+    assert final.status_code == 200
+    assert [log["message"] for log in final.json()["logs"]][:2] == ["Request queued", "Loading 2 images"]
+    assert set(final.json()["logs"][0]) == {"message", "level", "source", "timestamp"}
+
+    res = client.get(sub["response_url"])
+    assert res.status_code == 200 and res.headers["x-fal-request-id"] == rid
+    digest = expected_digest(payload)
+    assert res.json() == {"output": expected_output(payload), "partial": False}
+    assert res.json()["output"].startswith(f"[mantis-emulator] 2 images; digest={digest}; ")
+    assert res.json()["output"].endswith("compare <image> and <image> ASSISTANT:")
+    assert client.get(sub["response_url"] + "/").status_code == 200  # trailing slash, as in fal's docs
+
+
+def test_digest_tells_requests_apart(payload):
+    other = {**payload, "images": payload["images"][::-1]}
+    assert expected_digest(payload) != expected_digest(other)
+    assert expected_digest(payload) == FalEmulator.digest(payload["prompt"], [i["image_url"] for i in payload["images"]])
+    assert len(expected_digest(payload)) == 8
+
+
+def test_status_stream_sse(emu, client, payload):
+    sub = client.post(f"{emu.url}/{APP}", json=payload).json()
+    with client.stream("GET", sub["status_url"] + "/stream", params={"logs": 1}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        r.read()
+    events = sse_events(r)
+    assert events[-1]["status"] == "COMPLETED" and "inference_time" in events[-1]["metrics"]
+    assert all(e["status"] != "COMPLETED" for e in events[:-1]) and len(events) >= 2
+    # logs are incremental per event: concatenated they equal the full polled list
+    streamed = [log for e in events for log in e["logs"]]
+    assert streamed == client.get(sub["status_url"], params={"logs": 1}).json()["logs"]
+    # after completion the stream gives the one final event and closes
+    again = client.get(sub["status_url"] + "/stream")
+    assert [e["status"] for e in sse_events(again)] == ["COMPLETED"] and again.json is not None
+
+
+def test_queue_positions_with_concurrency_limit(client, payload):
+    with FalEmulator(service_time=0.15, concurrency=1) as emu:
+        url = f"{emu.url}/{APP}"
+        subs = [client.post(url, json=payload, headers={"Authorization": f"Key {emu.key}"}).json() for _ in range(3)]
+        assert [s["queue_position"] for s in subs] == [0, 0, 1]
+        st = client.get(subs[2]["status_url"], headers={"Authorization": f"Key {emu.key}"})
+        assert st.status_code == 202 and st.json()["status"] == "IN_QUEUE" and st.json()["queue_position"] == 1
+        with client.stream("GET", subs[2]["status_url"] + "/stream", headers={"Authorization": f"Key {emu.key}"}) as r:
+            r.read()
+        seen = [(e["status"], e.get("queue_position")) for e in sse_events(r)]
+        assert seen[0] == ("IN_QUEUE", 1) and ("IN_QUEUE", 0) in seen and seen[-1][0] == "COMPLETED"
+        assert seen.index(("IN_QUEUE", 0)) < [s for s, _ in seen].index("IN_PROGRESS")
+
+
+def test_validation_error_surfaces_at_result(emu, client, payload):
+    bad = {**payload, "images": [{"image_url": "data:image/png;base64,@@@"}, {"image_url": "ftp://x/y.png"}],
+           "max_tokens": 0, "temperature": 3, "top_p": 0, "extra_field": "ignored"}
+    r = client.post(f"{emu.url}/{APP}", json=bad)
+    assert r.status_code == 200  # accepted, like fal
+    done = wait_done(client, r.json())
+    assert done["status"] == "COMPLETED" and done["error_type"] == "validation_error"
+    res = client.get(r.json()["response_url"])
+    assert res.status_code == 422
+    detail = res.json()["detail"]
+    assert all(set(d) >= {"loc", "msg", "type"} for d in detail)
+    locs = {tuple(d["loc"]): d["type"] for d in detail}
+    assert locs == {
+        ("body", "images", 0, "image_url"): "image_load_error",
+        ("body", "images", 1, "image_url"): "url_parsing",
+        ("body", "max_tokens"): "greater_than",
+        ("body", "temperature"): "less_than_equal",
+        ("body", "top_p"): "greater_than",
+    }
+
+
+@pytest.mark.parametrize(
+    "body, loc, type_",
+    [
+        ({"images": [{"image_url": "https://a/b.png"}]}, ["body", "prompt"], "missing"),
+        ({"prompt": 3, "images": [{"image_url": "https://a/b.png"}]}, ["body", "prompt"], "string_type"),
+        ({"prompt": "hi", "images": []}, ["body", "images"], "too_short"),
+        ({"prompt": "hi", "images": "https://a/b.png"}, ["body", "images"], "list_type"),
+        ({"prompt": "hi", "images": [{"url": "https://a/b.png"}]}, ["body", "images", 0, "image_url"], "missing"),
+        ({"prompt": "hi", "images": [{"image_url": "data:text/plain;base64,aGk="}]},
+         ["body", "images", 0, "image_url"], "image_load_error"),
+        ({"prompt": "hi", "images": [{"image_url": "data:image/png;base64,aGVsbG8="}]},  # valid b64, not a PNG
+         ["body", "images", 0, "image_url"], "image_load_error"),
+        ({"prompt": "hi", "images": [{"image_url": "https://a/b.png"}], "seed": "x"}, ["body", "seed"], "int_type"),
+        ([1, 2], ["body"], "dict_type"),
+    ],
+)
+def test_sync_validation_422(emu, client, body, loc, type_):
+    r = client.post(f"{emu.run_url}/{APP}", json=body)
+    assert r.status_code == 422
+    assert [(d["loc"], d["type"]) for d in r.json()["detail"]] == [(loc, type_)]
+    assert emu.submissions == []  # a direct 422 creates no job
+
+
+def test_invalid_json_is_422(emu, client):
+    r = client.post(f"{emu.run_url}/{APP}", content=b"{nope", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"
+
+
+def test_max_tokens_truncates_words(emu, client, payload):
+    r = client.post(f"{emu.run_url}/{APP}", json={**payload, "max_tokens": 3})
+    assert r.json()["output"] == "[mantis-emulator] 2 images;"
+    assert r.json()["output"] == expected_output({**payload, "max_tokens": 3})
+
+
+# ------------------------------------------------------------------ cancel
+
+
+def test_cancel_running_then_completed_and_unknown(client, payload):
+    with FalEmulator(hang=True) as emu:
+        h = {"Authorization": f"Key {emu.key}"}
+        sub = client.post(f"{emu.url}/{APP}", json=payload, headers=h).json()
+        assert client.get(sub["status_url"], headers=h).json()["status"] == "IN_PROGRESS"
+        r = client.put(sub["cancel_url"], headers=h)
+        assert r.status_code == 202 and r.json() == {"status": "CANCELLATION_REQUESTED"}
+        st = client.get(sub["status_url"], headers=h).json()
+        assert st["status"] == "COMPLETED" and st["error_type"] == "client_cancelled"
+        res = client.get(sub["response_url"], headers=h)
+        assert res.status_code == 499 and res.json()["detail"] == "Request cancelled"
+        again = client.put(sub["cancel_url"], headers=h)
+        assert again.status_code == 400 and again.json() == {"status": "ALREADY_COMPLETED"}
+        missing = client.put(f"{emu.url}/{APP}/requests/nope/cancel", headers=h)
+        assert missing.status_code == 404 and missing.json() == {"status": "NOT_FOUND"}
+        assert emu.cancelled == [sub["request_id"], sub["request_id"]]
+
+
+def test_cancel_queued_job_frees_its_place(client, payload):
+    with FalEmulator(service_time=5, concurrency=1) as emu:
+        h = {"Authorization": f"Key {emu.key}"}
+        first, second, third = (client.post(f"{emu.url}/{APP}", json=payload, headers=h).json() for _ in range(3))
+        assert client.get(third["status_url"], headers=h).json()["queue_position"] == 1
+        assert client.put(second["cancel_url"], headers=h).status_code == 202
+        assert client.get(second["response_url"], headers=h).status_code == 499
+        assert client.get(third["status_url"], headers=h).json()["queue_position"] == 0
+        assert client.put(first["cancel_url"], headers=h).status_code == 202  # frees the slot
+        assert client.get(third["status_url"], headers=h).json()["status"] == "IN_PROGRESS"
+
+
+# ------------------------------------------------------------------ sync endpoints
+
+
+def test_sync_run(emu, client, payload):
+    t0 = time.perf_counter()
+    r = client.post(f"{emu.run_url}/{APP}", json=payload)
+    assert time.perf_counter() - t0 >= 0.05
+    assert r.status_code == 200 and r.json() == {"output": expected_output(payload), "partial": False}
+    assert [s.mode for s in emu.submissions] == ["sync"]
+    assert r.headers["x-fal-request-id"] == emu.submissions[0].request_id
+
+
+def test_sync_stream_partial_events(emu, client, payload):
+    with client.stream("POST", f"{emu.run_url}/{APP}/stream", json=payload) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        r.read()
+    events = sse_events(r)
+    full = expected_output(payload)
+    assert len(events) >= 3 and events[-1] == {"output": full, "partial": False}
+    assert all(e["partial"] for e in events[:-1])
+    outputs = [e["output"] for e in events]
+    assert all(full.startswith(o) and len(o) < len(n) for o, n in zip(outputs, outputs[1:]))  # cumulative
+
+
+def test_sync_job_error(emu, client, payload):
+    emu.script([JobError(503, "Runner disconnected", "runner_disconnected")])
+    r = client.post(f"{emu.run_url}/{APP}", json=payload)
+    assert r.status_code == 503 and r.json() == {"detail": "Runner disconnected", "error_type": "runner_disconnected"}
+    assert "x-fal-request-id" in r.headers  # from fal itself, not ingress
+
+
+# ------------------------------------------------------------------ auth and routing
+
+
+@pytest.mark.parametrize("header, status", [
+    (None, 401), ("Key wrong", 401), ("Bearer emulator-key-id:emulator-key-secret", 401),
+    (f"Key {FORBIDDEN_KEY}", 403),
+])
+def test_auth(emu, payload, header, status):
+    headers = {"Authorization": header} if header else {}
+    for method, url in (("POST", f"{emu.url}/{APP}"), ("POST", f"{emu.run_url}/{APP}"),
+                        ("GET", f"{emu.url}/{APP}/requests/x/status")):
+        r = httpx.request(method, url, json=payload, headers=headers)
+        assert r.status_code == status and "detail" in r.json()
+    assert emu.submissions == []
+
+
+def test_any_key_mode(payload):
+    with FalEmulator(key=None) as emu:
+        assert httpx.post(f"{emu.run_url}/{APP}", json=payload, headers={"Authorization": "Key anything"}).status_code == 200
+        assert httpx.post(f"{emu.run_url}/{APP}", json=payload, headers={"Authorization": "Key"}).status_code == 401
+        assert emu.env()["FAL_KEY"]
+
+
+def test_unknown_app_request_and_route(emu, client, payload):
+    r = client.post(f"{emu.url}/fal-ai/nope", json=payload)
+    assert r.status_code == 404 and r.json() == {"detail": "Application 'fal-ai/nope' not found"}
+    assert client.post(f"{emu.run_url}/fal-ai/nope", json=payload).status_code == 404
+    r = client.get(f"{emu.url}/{APP}/requests/does-not-exist/status")
+    assert r.status_code == 404 and "not found" in r.json()["detail"]
+    assert client.get(f"{emu.url}/a/b/c/d/e/f").status_code == 404
+    with FalEmulator(apps=None) as any_app:
+        r = client.post(f"{any_app.run_url}/me/my-app", json=payload, headers={"Authorization": f"Key {any_app.key}"})
+        assert r.status_code == 200
+
+
+# ------------------------------------------------------------------ storage
+
+
+def test_storage_upload_flow(emu, client, png_bytes):
+    assert httpx.post(f"{emu.rest_url}/storage/auth/token", json={}).status_code == 401
+    tok = client.post(f"{emu.rest_url}/storage/auth/token", params={"storage_type": "fal-cdn-v3"}, json={})
+    assert tok.status_code == 200
+    token = tok.json()
+    assert token["token_type"] == "Bearer" and token["base_url"] == emu.cdn_url
+    from datetime import datetime, timezone
+
+    assert datetime.fromisoformat(token["expires_at"]) > datetime.now(timezone.utc)  # what fal-client parses
+    headers = {"Authorization": f"{token['token_type']} {token['token']}", "Content-Type": "image/png",
+               "X-Fal-File-Name": "red.png"}
+    r = httpx.post(f"{token['base_url']}/files/upload", content=png_bytes, headers=headers)
+    assert r.status_code == 200
+    url = r.json()["access_url"]
+    assert url.startswith(emu.cdn_url + "/files/") and url.endswith("/red.png") and emu.uploads == [url]
+    got = httpx.get(url)  # public, no auth
+    assert got.content == png_bytes and got.headers["content-type"] == "image/png"
+    bad = httpx.post(f"{emu.cdn_url}/files/upload", content=b"x", headers={"Authorization": f"Key {emu.key}"})
+    assert bad.status_code == 401
+    assert httpx.get(emu.cdn_url + "/files/nope/x.png").status_code == 404
+    # an uploaded URL is a valid image input; a missing or non-image CDN file is not
+    ok = client.post(f"{emu.run_url}/{APP}", json={"prompt": "p", "images": [{"image_url": url}]})
+    assert ok.status_code == 200 and "digest=" + FalEmulator.digest("p", [url]) in ok.json()["output"]
+    junk = httpx.post(f"{emu.cdn_url}/files/upload", content=b"not an image", headers=headers).json()["access_url"]
+    for u, t in ((url + "x", "file_download_error"), (junk, "image_load_error")):
+        r = client.post(f"{emu.run_url}/{APP}", json={"prompt": "p", "images": [{"image_url": u}]})
+        assert r.status_code == 422 and r.json()["detail"][0]["type"] == t
+
+
+# ------------------------------------------------------------------ script
+
+
+def test_script_answers_in_order_then_fake_model(emu, client, payload):
+    emu.script(["first answer", JobError(), "third"])
+    outs = []
+    for _ in range(4):
+        r = client.post(f"{emu.run_url}/{APP}", json=payload)
+        outs.append((r.status_code, r.json().get("output")))
+    assert outs == [(200, "first answer"), (500, None), (200, "third"), (200, expected_output(payload))]
+
+
+def test_invalid_input_does_not_consume_script(emu, client, payload):
+    emu.script(["only answer"])
+    assert client.post(f"{emu.run_url}/{APP}", json={"prompt": "x"}).status_code == 422
+    assert client.post(f"{emu.run_url}/{APP}", json=payload).json()["output"] == "only answer"
+
+
+def test_script_callable_and_hang(emu, client, payload):
+    emu.script(lambda p: HANG if p["prompt"] == "hang" else (None if p["prompt"] == "model" else p["prompt"].upper()))
+    assert client.post(f"{emu.run_url}/{APP}", json={**payload, "prompt": "abc"}).json()["output"] == "ABC"
+    assert client.post(f"{emu.run_url}/{APP}", json={**payload, "prompt": "model"}).json()["output"].startswith("[mantis")
+    sub = client.post(f"{emu.url}/{APP}", json={**payload, "prompt": "hang"}).json()
+    time.sleep(0.1)  # two service times: a normal job would be done
+    assert client.get(sub["status_url"]).json()["status"] == "IN_PROGRESS"
+
+
+def test_job_error_on_queue_path(emu, client, payload):
+    emu.faults = Faults(job_error=1.0)
+    sub = client.post(f"{emu.url}/{APP}", json=payload).json()
+    done = wait_done(client, sub)
+    assert done["error"] == "Internal Server Error" and done["error_type"] == "runner_server_error"
+    res = client.get(sub["response_url"])
+    assert res.status_code == 500 and res.headers["x-fal-error-type"] == "runner_server_error"
+
+
+# ------------------------------------------------------------------ faults
+
+
+def test_ingress_503_429_500_shapes(emu, client, payload):
+    emu.inject("503", route="submit")
+    r = client.post(f"{emu.url}/{APP}", json=payload)
+    assert r.status_code == 503 and "nginx" in r.text and "x-fal-request-id" not in r.headers
+    emu.faults = Faults(retry_after=2)
+    emu.inject("429")
+    r = client.post(f"{emu.url}/{APP}", json=payload)
+    assert r.status_code == 429 and r.headers["retry-after"] == "2"
+    emu.inject("500", route="status")
+    sub = client.post(f"{emu.url}/{APP}", json=payload).json()
+    r = client.get(sub["status_url"])
+    assert r.status_code == 500 and "x-fal-request-id" in r.headers
+    assert client.get(sub["status_url"]).status_code in (200, 202)  # one-shot: used up
+    assert len(emu.submissions) == 1  # faulted submits created no job
+    assert [q.fault for q in emu.requests] == ["503", "429", None, "500", None]
+    assert [q.status for q in emu.requests][:2] == [503, 429]
+
+
+def test_dropped_connection_and_drop_after_accept(emu, client, payload):
+    emu.inject("drop", route="submit")
+    with pytest.raises(httpx.RemoteProtocolError):
+        client.post(f"{emu.url}/{APP}", json=payload)
+    assert emu.submissions == [] and emu.requests[-1].status is None
+    emu.inject("drop_after_accept")
+    with pytest.raises(httpx.RemoteProtocolError):
+        client.post(f"{emu.url}/{APP}", json=payload)
+    assert len(emu.submissions) == 1  # the job exists although the client never heard of it
+    assert client.post(f"{emu.url}/{APP}", json=payload).status_code == 200  # connection pool recovers
+
+
+def test_slow_first_byte(emu, client, payload):
+    emu.faults = Faults(slow=1.0, slow_delay=0.2, routes=frozenset({"status"}))
+    sub = client.post(f"{emu.url}/{APP}", json=payload).json()
+    t0 = time.perf_counter()
+    client.get(sub["status_url"])
+    assert time.perf_counter() - t0 >= 0.2
+    with pytest.raises(httpx.ReadTimeout):
+        client.get(sub["status_url"], timeout=0.05)
+
+
+def _fault_pattern(seed: int) -> list[int]:
+    with FalEmulator(faults=Faults(error_500=0.2, error_503=0.2, error_429=0.2, seed=seed, retry_after=0)) as emu:
+        with httpx.Client(headers={"Authorization": f"Key {emu.key}"}) as c:
+            return [c.get(f"{emu.url}/{APP}/requests/x/status").status_code for _ in range(40)]
+
+
+def test_faults_reproducible_with_seed():
+    a, b, c = _fault_pattern(7), _fault_pattern(7), _fault_pattern(8)
+    assert a == b and a != c
+    assert {500, 503, 429, 404} <= set(a)  # 404: the unfaulted requests reach the router
+    assert 0.35 < sum(s != 404 for s in a) / len(a) < 0.85
+
+
+def test_faults_limited_to_routes(emu, client, payload):
+    emu.faults = {"error_503": 1.0, "routes": frozenset({"result"})}
+    sub = client.post(f"{emu.url}/{APP}", json=payload).json()
+    wait_done(client, sub)
+    assert client.get(sub["response_url"]).status_code == 503
+    with pytest.raises(ValueError):
+        emu.inject("teapot")
+
+
+# ------------------------------------------------------------------ recorder, lifecycle, scale
+
+
+def test_recorder_and_reset(emu, client, payload):
+    client.post(f"{emu.url}/{APP}", json=payload, params={"fal_webhook": "x"}, headers={"X-Fal-Queue-Priority": "low"})
+    rec = emu.requests[0]
+    assert (rec.method, rec.path, rec.route, rec.status) == ("POST", f"/{APP}", "submit", 200)
+    assert rec.query == {"fal_webhook": "x"} and rec.headers["x-fal-queue-priority"] == "low"
+    assert rec.json == payload and rec.time <= time.time()
+    sub = emu.submissions[0]
+    assert (sub.app, sub.payload, sub.mode) == (APP, payload, "queue")
+    emu.script(["x"])
+    emu.faults = Faults(error_500=1.0)
+    emu.reset()
+    assert emu.requests == [] and emu.submissions == [] and emu.faults == Faults()
+    assert client.post(f"{emu.run_url}/{APP}", json=payload).json()["output"] == expected_output(payload)
+
+
+def test_urls_and_env(emu):
+    assert emu.url.startswith("http://127.0.0.1:") and emu.queue_url == emu.url
+    assert (emu.run_url, emu.rest_url, emu.cdn_url) == (emu.url + "/run", emu.url + "/rest", emu.url + "/cdn")
+    assert emu.env() == {"FAL_KEY": emu.key, "FAL_QUEUE_URL": emu.url, "FAL_RUN_URL": emu.run_url,
+                         "FAL_REST_URL": emu.rest_url, "FAL_CDN_URL": emu.cdn_url}
+    assert emu.key not in repr(emu)
+
+
+def test_stop_closes_open_streams_quickly(payload):
+    emu = FalEmulator(hang=True).start()
+    h = {"Authorization": f"Key {emu.key}"}
+    sub = httpx.post(f"{emu.url}/{APP}", json=payload, headers=h).json()
+    with httpx.Client(headers=h, timeout=5) as c, c.stream("GET", sub["status_url"] + "/stream") as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        t0 = time.perf_counter()
+        emu.stop()
+        with pytest.raises(httpx.RemoteProtocolError):
+            list(lines)
+    assert time.perf_counter() - t0 < 1.5
+    with pytest.raises(RuntimeError):
+        emu.url
+
+
+async def test_concurrent_async_clients(payload):
+    with FalEmulator(service_time=0.1) as emu:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(headers={"Authorization": f"Key {emu.key}"}, limits=limits, timeout=20) as c:
+
+            async def one(i: int) -> None:
+                p = {**payload, "prompt": f"question {i}"}
+                sub = (await c.post(f"{emu.url}/{APP}", json=p)).json()
+                async with c.stream("GET", sub["status_url"] + "/stream") as r:
+                    await r.aread()
+                res = (await c.get(sub["response_url"])).json()
+                assert f"digest={expected_digest(p)}" in res["output"] and res["output"].endswith(f"question {i}")
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one(i) for i in range(100)))
+            wall = time.perf_counter() - t0
+        assert len(emu.submissions) == 100 and len({s.request_id for s in emu.submissions}) == 100
+        assert wall < 10  # jobs overlap (serial would be >= 10 s); httpx's own pool costs most of this
+
+
+def test_cli_help_and_run():
+    out = subprocess.run([sys.executable, "-m", "mantis_llm.emulator", "--help"], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0 and "--service-time" in out.stdout and "--port" in out.stdout
+    proc = subprocess.Popen([sys.executable, "-m", "mantis_llm.emulator", "--key", "k:s"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        env = dict(proc.stdout.readline().removeprefix("export ").strip().split("=", 1) for _ in range(5))
+        assert env["FAL_KEY"] == "k:s"
+        r = httpx.post(f"{env['FAL_RUN_URL']}/{APP}", headers={"Authorization": "Key k:s"},
+                       json={"prompt": "hi", "images": [{"image_url": "https://a/b.png"}]}, timeout=10)
+        assert r.status_code == 200 and r.json()["output"].startswith("[mantis-emulator] 1 image;")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
