@@ -210,10 +210,13 @@ def test_alpha_is_composited_on_white():
 
 
 @pytest.mark.parametrize("size, expected", [((2000, 1000), (1344, 672)), ((1000, 3000), (672, 2016)),
-                                            ((700, 701), (672, 673)), ((672, 5000), (672, 5000))])
+                                            ((700, 701), (672, 673)), ((672, 5000), (672, 5000)),
+                                            ((3000, 1500), (1344, 672)), ((1401, 4203), (672, 2016))])
 def test_resize_keeps_aspect_ratio_and_short_side(make_image, size, expected):
     img = load_pil(make_image(*size, fmt="JPEG"))
-    assert img.size == expected
+    assert min(img.size) == min(expected)  # exact short side
+    # the long side may differ by one pixel when a big JPEG is decoded at a reduced DCT scale
+    assert abs(max(img.size) - max(expected)) <= 1 and (img.size[0] < img.size[1]) == (size[0] < size[1])
     assert abs(img.size[0] / img.size[1] - size[0] / size[1]) < 0.01
 
 
