@@ -77,8 +77,8 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.multi_modal_llms import MultiModalLLM, MultiModalLLMMetadata
 from llama_index.core.schema import ImageDocument, ImageNode
 
-from .backends import DEFAULT_FAL_ENDPOINT, Backend, resolve_backend
-from .errors import ImageError, InvalidRequestError
+from .backends import BACKEND_NAMES, DEFAULT_FAL_ENDPOINT, Backend, resolve_backend
+from .errors import ConfigurationError, ImageError, InvalidRequestError
 from .types import Conversation, GenerationParams, Image, Part, Request, Response, Turn, Update
 
 logger = logging.getLogger(__name__)
@@ -292,6 +292,10 @@ class _MantisBase(BaseModel):
 
     def __init__(self, **data: Any) -> None:
         super().__init__(**data)
+        if isinstance(self.backend, str) and self.backend not in (*BACKEND_NAMES, "transformers"):
+            raise ConfigurationError(
+                f"unknown backend {self.backend!r}: expected one of {BACKEND_NAMES} or a Backend instance"
+            )
         self._default_params()  # bad sampling values fail here, as InvalidRequestError
 
     @field_validator("stop", mode="before")
