@@ -159,6 +159,7 @@ class _Job:
         self.started: float | None = None
         self.completed: float | None = None
         self.deadline: float | None = None  # completion time while IN_PROGRESS
+        self.start_by: float | None = None  # X-Fal-Request-Timeout: must leave the queue by then
         self.pending_logs: list[tuple[float, str]] = []
         self.result: tuple[int, dict] | None = None
         self.error: tuple[str, str] | None = None  # (error, error_type) on the status
@@ -439,6 +440,9 @@ class FalEmulator:
                 job.bump()
             if job.deadline is not None and job.deadline <= now:
                 self._complete(job)
+        for job in [j for j in self._queue if j.start_by is not None and j.start_by <= now]:
+            job.outcome = JobError(504, "Request timed out before it started", "request_timeout")
+            self._complete(job)
         moved = False
         while self._queue and (self.concurrency is None or len(self._running) < self.concurrency):
             self._begin(self._queue.popleft(), now)
@@ -447,6 +451,7 @@ class FalEmulator:
             for job in self._queue:
                 job.bump()  # queue positions changed
         times = [t for j in self._running for t in ([j.deadline] + [p[0] for p in j.pending_logs][:1]) if t]
+        times += [j.start_by for j in self._queue if j.start_by is not None]
         return min(times) if times else None
 
     def _begin(self, job: _Job, now: float) -> None:
@@ -488,7 +493,7 @@ class FalEmulator:
         job.bump()
         self._sched.notify_all()
 
-    def _accept(self, app: str, payload: Any, errors: list | None, mode: str) -> _Job:
+    def _accept(self, app: str, payload: Any, errors: list | None, mode: str, rec: RecordedRequest) -> _Job:
         """Create a job (under the lock), decide its outcome and start it if a slot is free."""
         if errors:
             outcome: Any = errors
@@ -505,6 +510,10 @@ class FalEmulator:
                 entry = JobError()
             outcome = entry if entry is HANG or isinstance(entry, JobError) else expected_output(payload, entry)
         job = _Job(self, app, payload, mode, outcome)
+        try:
+            job.start_by = job.created + float(rec.headers["x-fal-request-timeout"])
+        except (KeyError, ValueError):
+            pass
         job.log("Request queued")
         self._jobs[job.id] = job
         self._queue.append(job)
@@ -628,7 +637,10 @@ class FalEmulator:
     def _handle(self, h: _Handler) -> None:
         parts = urlsplit(h.path)
         path = parts.path.rstrip("/") or "/"
-        raw = self._read_body(h)
+        if h.headers.get("transfer-encoding"):  # fal's clients always send Content-Length
+            h.close_connection = True
+            return h.send_error(411)
+        raw = h.rfile.read(int(h.headers.get("content-length") or 0))
         rec = RecordedRequest(
             method=h.command, path=path, query=dict(parse_qsl(parts.query, keep_blank_values=True)),
             headers={k.lower(): v for k, v in h.headers.items()}, json=None, time=time.time(),
@@ -655,21 +667,6 @@ class FalEmulator:
         except Exception:  # a bug in the emulator: answer 500 rather than hanging the client
             logger.exception("emulator error on %s %s", h.command, path)
             self._send(h, rec, 500, {"detail": "emulator internal error"})
-
-    @staticmethod
-    def _read_body(h: _Handler) -> bytes:
-        if h.headers.get("transfer-encoding", "").lower() == "chunked":
-            out = bytearray()
-            while True:
-                size = int(h.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while h.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return bytes(out)
-                out += h.rfile.read(size)
-                h.rfile.readline()
-        n = int(h.headers.get("content-length") or 0)
-        return h.rfile.read(n) if n else b""
 
     _ROUTE_TABLE = (
         ("POST", re.compile(r"/rest/storage/auth/token"), "token"),
@@ -752,7 +749,7 @@ class FalEmulator:
         if route == "submit":
             payload, errors = self._validate(raw)
             with self._lock:
-                job = self._accept(app, payload, errors, "queue")
+                job = self._accept(app, payload, errors, "queue", rec)
                 body = self._status_body(job, False)
                 body["queue_position"] = self._queue.index(job) if job in self._queue else 0
                 body["status"] = "IN_QUEUE"
@@ -784,11 +781,7 @@ class FalEmulator:
                 if job.result is None:
                     return self._send(h, rec, 400, {"detail": "Request is still in progress"},
                                       headers={"x-fal-request-id": job.id})
-                code, body = job.result
-                headers = {"x-fal-request-id": job.id}
-                if code != 200 and "error_type" in body:
-                    headers["X-Fal-Error-Type"] = body["error_type"]
-                return self._send(h, rec, code, body, headers=headers)
+                return self._send_result(h, rec, job)
         assert route == "stream"
         self._status_stream(h, rec, job, with_logs)
 
@@ -809,6 +802,15 @@ class FalEmulator:
         h.end_headers()
         if h.command != "HEAD":
             h.wfile.write(data)
+
+    def _send_result(self, h: _Handler, rec: RecordedRequest, job: _Job) -> None:
+        code, body = job.result  # type: ignore[misc]
+        headers = {"x-fal-request-id": job.id}
+        if "error_type" in body:
+            headers["X-Fal-Error-Type"] = body["error_type"]
+            if body["error_type"] == "request_timeout":
+                headers["X-Fal-Request-Timeout-Type"] = "user"
+        self._send(h, rec, code, body, headers=headers)
 
     # -------------------------------------------------------------- streams
 
@@ -862,11 +864,10 @@ class FalEmulator:
             return self._send(h, rec, 422, {"detail": errors})
         done = lambda: job.status == "COMPLETED"  # noqa: E731
         with self._lock:
-            job = self._accept(app, payload, None, "stream" if stream else "sync")
+            job = self._accept(app, payload, None, "stream" if stream else "sync", rec)
             if not (stream and isinstance(job.outcome, str)):  # plain run, or a failing job
                 self._wait(job, done)
-                code, body = job.result  # type: ignore[misc]
-                return self._send(h, rec, code, body, headers={"x-fal-request-id": job.id})
+                return self._send_result(h, rec, job)
             self._wait(job, lambda: job.started is not None)
             words, started = job.outcome.split(), job.started
         self._start_sse(h, rec, job.id)
