@@ -127,7 +127,10 @@ def _ask(args: argparse.Namespace) -> int:
         return 2
     params = GenerationParams(max_tokens=args.max_tokens, temperature=args.temperature)
     request = Request(Conversation.from_prompt(args.prompt, _load_images(args.images)), params)
-    on_update = _Progress(sys.stderr) if (args.verbose or sys.stderr.isatty()) else None
+    chatty = args.verbose or sys.stderr.isatty()
+    on_update = _Progress(sys.stderr) if chatty else None
+    if not chatty:  # keep piped stderr clean: no model-loading progress bars from the local backend
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     with resolve_backend(args.backend, args.model) as backend:
         if args.stream:
             response = None

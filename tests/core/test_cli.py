@@ -19,6 +19,7 @@ FAL_ENV = ("FAL_KEY", "FAL_KEY_ID", "FAL_KEY_SECRET", "FAL_QUEUE_URL", "FAL_RUN_
 def clean_env(monkeypatch):
     for name in FAL_ENV:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the CLI sets it when stderr is piped
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -222,3 +223,36 @@ def test_ctrl_c_exits_130_without_traceback(image_files):
         assert proc.returncode == 130, err
         assert "Traceback" not in err and err.strip() == "interrupted"
         assert emulator.cancelled == [emulator.submissions[0].request_id]  # fal job cancelled on the way out
+
+
+# --- against a tiny random-weight local model --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("mantis_llm.backends.transformers", reason="the local backend has not landed yet")
+    from mantis_llm.testing import build_tiny_mantis
+
+    return str(build_tiny_mantis(tmp_path_factory.mktemp("tiny") / "mantis"))
+
+
+def test_ask_local_backend(capsys, tiny_model, image_files):
+    base = ["ask", *map(str, image_files), "-p", QUESTION, "--backend", "local", "--model", tiny_model,
+            "--max-tokens", "6", "--temperature", "0"]
+    code, out, err = run(capsys, *base, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["model"] == tiny_model and data["finish_reason"] in ("stop", "length")
+    assert 1 <= data["usage"]["output_tokens"] <= 6 and data["usage"]["input_tokens"] > 2 * 16
+    code, streamed, err = run(capsys, *base, "--stream")
+    assert code == 0, err
+    assert streamed == data["text"] + "\n"  # greedy: the streamed deltas add up to the same answer
+
+
+def test_ask_local_missing_model(capsys, tmp_path, image_files):
+    pytest.importorskip("mantis_llm.backends.transformers", reason="the local backend has not landed yet")
+    code, out, err = run(capsys, "ask", str(image_files[0]), "-p", "hi", "--backend", "local",
+                         "--model", str(tmp_path / "no-such-model"))
+    assert code == 2 and out == ""
+    assert one_line(err).startswith("error: ")
