@@ -46,7 +46,7 @@ def test_hierarchy():
 
 def test_import_does_not_pull_heavy_modules():
     code = (
-        "import mantis_llm, mantis_llm.prompt, mantis_llm.images, mantis_llm.backends, mantis_llm.errors\n"
+        "import mantis_llm, mantis_llm.prompt, mantis_llm.images, mantis_llm.backends, mantis_llm.errors, mantis_llm.cli\n"
         "import sys\n"
         "heavy = [m for m in ('torch', 'transformers', 'PIL', 'langchain_core', 'llama_index') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
