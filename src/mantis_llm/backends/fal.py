@@ -8,8 +8,10 @@ generators that yield actions; this module only runs them, once with an
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
+import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +33,13 @@ Mode = Literal["queue", "sync", "stream"]
 _UNSET: Any = object()
 _LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=100)
 _STREAM_ERRORS = (httpx.HTTPError, httpx.StreamError)
+
+
+@functools.lru_cache(maxsize=1)
+def _ssl_context() -> ssl.SSLContext:
+    """One TLS context for all our clients: building one costs tens of milliseconds, and an
+    async client is made per event loop (e.g. each ``asyncio.run``)."""
+    return httpx.create_ssl_context()
 
 
 def _resolve_key(api_key: "str | SecretStr | None") -> SecretStr:
@@ -196,7 +205,7 @@ class FalBackend(Backend):
             return self._user_client
         with self._lock:
             if self._client is None:
-                self._client = httpx.Client(limits=_LIMITS, follow_redirects=False, trust_env=True)
+                self._client = httpx.Client(limits=_LIMITS, verify=_ssl_context(), follow_redirects=False)
             return self._client
 
     def _async_client(self) -> httpx.AsyncClient:
@@ -208,7 +217,8 @@ class FalBackend(Backend):
             if client is None:
                 for old in [lp for lp in self._async_clients if lp.is_closed()]:
                     del self._async_clients[old]  # its loop is gone; its sockets go with it
-                client = self._async_clients[loop] = httpx.AsyncClient(limits=_LIMITS, follow_redirects=False)
+                client = httpx.AsyncClient(limits=_LIMITS, verify=_ssl_context(), follow_redirects=False)
+                self._async_clients[loop] = client
             return client
 
     def close(self) -> None:
