@@ -759,31 +759,27 @@ class FalEmulator:
             return self._send(h, rec, 200, body, headers={"x-fal-request-id": job.id})
         if route in ("run", "run_stream"):
             return self._run(h, rec, app, raw, stream=route == "run_stream")
-        with self._lock:
+        with_logs = rec.query.get("logs", "").lower() in ("1", "true")
+        with self._lock:  # decide under the lock, write to the socket outside it
             job = self._jobs.get(args["rid"])
-            if job is not None and job.app != app:
-                job = None
+            job = job if job is not None and job.app == app else None
+            rid = {"x-fal-request-id": job.id} if job else {}
             if job is None:
-                if route == "cancel":
-                    return self._send(h, rec, 404, {"status": "NOT_FOUND"})
-                return self._send(h, rec, 404, {"detail": f"Request {args['rid']!r} not found"})
-            with_logs = rec.query.get("logs", "").lower() in ("1", "true")
-            if route == "status":
-                code = 200 if job.status == "COMPLETED" else 202
-                return self._send(h, rec, code, self._status_body(job, with_logs), headers={"x-fal-request-id": job.id})
-            if route == "cancel":
+                answer = (404, {"status": "NOT_FOUND"} if route == "cancel" else
+                          {"detail": f"Request {args['rid']!r} not found"}, {})
+            elif route == "status":
+                answer = (200 if job.status == "COMPLETED" else 202, self._status_body(job, with_logs), rid)
+            elif route == "cancel":
                 self._cancelled.append(job.id)
-                if job.status == "COMPLETED":
-                    return self._send(h, rec, 400, {"status": "ALREADY_COMPLETED"})
-                self._complete(job, cancelled=True)
-                return self._send(h, rec, 202, {"status": "CANCELLATION_REQUESTED"})
-            if route == "result":
-                if job.result is None:
-                    return self._send(h, rec, 400, {"detail": "Request is still in progress"},
-                                      headers={"x-fal-request-id": job.id})
-                return self._send_result(h, rec, job)
-        assert route == "stream"
-        self._status_stream(h, rec, job, with_logs)
+                answer = (400, {"status": "ALREADY_COMPLETED"}, {}) if job.status == "COMPLETED" else \
+                    (202, {"status": "CANCELLATION_REQUESTED"}, {})
+                if job.status != "COMPLETED":
+                    self._complete(job, cancelled=True)
+            elif route == "result":
+                answer = self._result(job) if job.result else (400, {"detail": "Request is still in progress"}, rid)
+        if job is not None and route == "stream":
+            return self._status_stream(h, rec, job, with_logs)
+        self._send(h, rec, answer[0], answer[1], headers=answer[2])
 
     def _send(self, h: _Handler, rec: RecordedRequest, code: int, body: Any, *,
               content_type: str = "application/json", headers: dict[str, str] | None = None) -> None:
@@ -803,14 +799,16 @@ class FalEmulator:
         if h.command != "HEAD":
             h.wfile.write(data)
 
-    def _send_result(self, h: _Handler, rec: RecordedRequest, job: _Job) -> None:
+    @staticmethod
+    def _result(job: _Job) -> tuple[int, dict, dict]:
+        """(status, body, headers) of a finished job's result."""
         code, body = job.result  # type: ignore[misc]
         headers = {"x-fal-request-id": job.id}
         if "error_type" in body:
             headers["X-Fal-Error-Type"] = body["error_type"]
             if body["error_type"] == "request_timeout":
                 headers["X-Fal-Request-Timeout-Type"] = "user"
-        self._send(h, rec, code, body, headers=headers)
+        return code, body, headers
 
     # -------------------------------------------------------------- streams
 
@@ -865,11 +863,12 @@ class FalEmulator:
         done = lambda: job.status == "COMPLETED"  # noqa: E731
         with self._lock:
             job = self._accept(app, payload, None, "stream" if stream else "sync", rec)
-            if not (stream and isinstance(job.outcome, str)):  # plain run, or a failing job
-                self._wait(job, done)
-                return self._send_result(h, rec, job)
-            self._wait(job, lambda: job.started is not None)
-            words, started = job.outcome.split(), job.started
+            plain = not (stream and isinstance(job.outcome, str))  # plain run, or a failing job
+            self._wait(job, done if plain else lambda: job.started is not None)
+            code, body, headers = self._result(job) if plain else (200, {}, {})
+            words, started = str(job.outcome).split(), job.started or 0.0
+        if plain:
+            return self._send(h, rec, code, body, headers=headers)
         self._start_sse(h, rec, job.id)
         steps = max(1, (len(words) + 2) // 3)  # a few words per event, spread over the service time
         for k in range(1, steps):
