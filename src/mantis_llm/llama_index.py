@@ -77,7 +77,7 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.multi_modal_llms import MultiModalLLM, MultiModalLLMMetadata
 from llama_index.core.schema import ImageDocument, ImageNode
 
-from .backends import BACKEND_NAMES, DEFAULT_FAL_ENDPOINT, Backend, resolve_backend
+from .backends import BACKEND_NAMES, DEFAULT_FAL_ENDPOINT, DEFAULT_LOCAL_MODEL, Backend, resolve_backend
 from .errors import ConfigurationError, ImageError, InvalidRequestError
 from .types import Conversation, GenerationParams, Image, Part, Request, Response, Turn, Update
 
@@ -374,6 +374,15 @@ class _MantisBase(BaseModel):
     def _num_output(self) -> int:
         return self.max_tokens or DEFAULT_NUM_OUTPUTS
 
+    @property
+    def _model_name(self) -> str:
+        """The model that will answer (without building the backend)."""
+        if isinstance(self.backend, Backend):
+            return self.backend.model
+        if self.backend != "fal" and self.model == DEFAULT_FAL_ENDPOINT:
+            return DEFAULT_LOCAL_MODEL  # as resolve_backend maps it
+        return self.model
+
     # -- the four ways to run; ``make`` builds a ChatResponse or a CompletionResponse
 
     def _run(self, messages: Sequence[ChatMessage], kwargs: Dict[str, Any], make: Callable) -> Any:
@@ -451,7 +460,7 @@ class Mantis(_MantisBase, LLM):
             num_output=self._num_output,
             is_chat_model=True,
             is_function_calling_model=False,
-            model_name=self.model,
+            model_name=self._model_name,
         )
 
     @llm_chat_callback()
@@ -523,7 +532,7 @@ class MantisMultiModal(_MantisBase, MultiModalLLM):
             num_input_files=max(1, (self.context_window - self._num_output) // IMAGE_TOKENS),
             is_chat_model=True,
             is_function_calling_model=False,
-            model_name=self.model,
+            model_name=self._model_name,
         )
 
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:

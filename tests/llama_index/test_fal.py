@@ -63,6 +63,25 @@ def test_mro_class_name_and_metadata():
     assert mmeta.num_input_files == (8192 - 256) // 576 and mmeta.is_chat_model
 
 
+def test_model_name_follows_the_backend(emu):
+    from mantis_llm.backends import DEFAULT_LOCAL_MODEL
+    from mantis_llm.backends.fal import FalBackend
+
+    assert Mantis(backend="local").metadata.model_name == DEFAULT_LOCAL_MODEL  # nothing loaded
+    assert MantisMultiModal(backend="local", model="/models/m").metadata.model_name == "/models/m"
+    with FalBackend("me/other-app") as backend:
+        assert Mantis(backend=backend).metadata.model_name == "me/other-app"
+
+
+def test_import_pulls_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, mantis_llm.llama_index; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
 def test_constructor_errors_are_typed():
     with pytest.raises(InvalidRequestError, match="temperature=5"):
         Mantis(temperature=5)
