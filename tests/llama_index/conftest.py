@@ -1,5 +1,5 @@
 """Fixtures for the LlamaIndex adapter tests: one FalEmulator for the folder, its environment
-for every test, a ``Mantis``/``MantisMultiModal`` pointed at it, and helpers that read back
+for every test, a ``Mantis`` pointed at it, and helpers that read back
 what the emulator received (prompt and images, in order)."""
 
 from __future__ import annotations
@@ -41,15 +41,6 @@ def llm(emu):
     from mantis_llm.llama_index import Mantis
 
     m = Mantis()
-    yield m
-    m.close()
-
-
-@pytest.fixture
-def mm(emu):
-    from mantis_llm.llama_index import MantisMultiModal
-
-    m = MantisMultiModal()
     yield m
     m.close()
 
