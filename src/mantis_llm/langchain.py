@@ -39,9 +39,14 @@ Mantis cannot call tools: :meth:`ChatMantis.bind_tools` raises ``NotImplementedE
 :meth:`ChatMantis.with_structured_output` works by instructing the model with the JSON
 schema and parsing its answer (``OutputParserException`` when the answer is not valid).
 
-fal queue progress is reported to callbacks as the custom event ``"mantis_queue_update"``
-(data: ``status``, ``request_id``, ``queue_position``, ``logs``, ``metrics``); it shows up
-in ``astream_events`` and in any handler's ``on_custom_event``.
+Progress (fal queue position, status, log lines) is reported as the custom callback event
+``"mantis_queue_update"`` (data: ``status``, ``request_id``, ``queue_position``, ``logs``,
+``metrics``, seen by any handler's ``on_custom_event``) on the paths where LangChain gives
+the model its run manager: ``invoke``/``ainvoke``/``batch``/``abatch`` and
+``stream_events(version="v3")``. LangChain 1.x does not pass the run manager to
+``_stream``/``_astream`` on the ``stream()``/``astream()`` paths (nor to ``astream_events``
+v2, which uses them); there, and everywhere else, the ``on_update`` field (a callable taking
+a :class:`~mantis_llm.types.Update`) sees every report.
 """
 
 from __future__ import annotations
@@ -206,10 +211,13 @@ def _event_data(update: Update) -> dict[str, Any]:
     return asdict(update)
 
 
-def _update_sender(run_manager: Optional[CallbackManagerForLLMRun]) -> Optional[Callable[[Update], None]]:
-    """An ``on_update`` that turns backend progress into a custom callback event."""
+def _update_sender(
+    run_manager: Optional[CallbackManagerForLLMRun], user: Optional[Callable[[Update], None]]
+) -> Optional[Callable[[Update], None]]:
+    """An ``on_update`` that turns backend progress into a custom callback event (and
+    calls the user's ``on_update``)."""
     if run_manager is None or not run_manager.handlers:
-        return None
+        return user
     # The run manager's own on_custom_event is the handler-interface no-op; dispatch through
     # a callback manager carrying this run's handlers, tags and metadata instead.
     manager = CallbackManager(
@@ -220,18 +228,22 @@ def _update_sender(run_manager: Optional[CallbackManagerForLLMRun]) -> Optional[
     )
 
     def send(update: Update) -> None:
+        if user is not None:
+            user(update)
         manager.on_custom_event(QUEUE_UPDATE_EVENT, _event_data(update), run_id=run_manager.run_id)
 
     return send
 
 
 @asynccontextmanager
-async def _aupdate_sender(run_manager: Optional[AsyncCallbackManagerForLLMRun]):
+async def _aupdate_sender(
+    run_manager: Optional[AsyncCallbackManagerForLLMRun], user: Optional[Callable[[Update], None]]
+):
     """Async twin of :func:`_update_sender`. The backend calls ``on_update`` synchronously
     (from the loop or a worker thread); updates are queued and dispatched in order by a task,
     so neither the backend nor the loop ever waits on a handler."""
     if run_manager is None or not run_manager.handlers:
-        yield None
+        yield user
         return
     manager = AsyncCallbackManager(
         run_manager.handlers,
@@ -248,9 +260,14 @@ async def _aupdate_sender(run_manager: Optional[AsyncCallbackManagerForLLMRun]):
                 QUEUE_UPDATE_EVENT, _event_data(update), run_id=run_manager.run_id
             )
 
+    def send(update: Update) -> None:
+        if user is not None:
+            user(update)
+        loop.call_soon_threadsafe(queue.put_nowait, update)
+
     task = loop.create_task(pump())
     try:
-        yield lambda update: loop.call_soon_threadsafe(queue.put_nowait, update)
+        yield send
     except BaseException:
         task.cancel()
         raise
@@ -317,6 +334,8 @@ class ChatMantis(BaseChatModel):
     streaming: bool = False
     """Use the streaming path for ``invoke`` too (tokens reach ``on_llm_new_token``)."""
     backend_options: builtins.dict[str, Any] = Field(default_factory=builtins.dict)
+    on_update: Optional[Callable[[Update], None]] = Field(default=None, exclude=True)
+    """Called with every backend progress report, on every path (must not block)."""
 
     _slot: _BackendSlot = PrivateAttr(default_factory=_BackendSlot)
 
@@ -527,7 +546,7 @@ class ChatMantis(BaseChatModel):
     ) -> ChatResult:
         request = self._request(messages, stop, kwargs)
         backend = self.get_backend()
-        response = backend.generate(request, on_update=_update_sender(run_manager))
+        response = backend.generate(request, on_update=_update_sender(run_manager, self.on_update))
         return self._result(response, backend)
 
     async def _agenerate(
@@ -539,7 +558,7 @@ class ChatMantis(BaseChatModel):
     ) -> ChatResult:
         request = self._request(messages, stop, kwargs)
         backend = self.get_backend()
-        async with _aupdate_sender(run_manager) as on_update:
+        async with _aupdate_sender(run_manager, self.on_update) as on_update:
             response = await backend.agenerate(request, on_update=on_update)
         return self._result(response, backend)
 
@@ -553,7 +572,7 @@ class ChatMantis(BaseChatModel):
         # LangChain itself calls run_manager.on_llm_new_token for every chunk we yield.
         request = self._request(messages, stop, kwargs)
         backend = self.get_backend()
-        for chunk in backend.stream(request, on_update=_update_sender(run_manager)):
+        for chunk in backend.stream(request, on_update=_update_sender(run_manager, self.on_update)):
             if chunk.text or chunk.response is not None:
                 yield self._chunk(chunk.text, chunk.response, backend)
 
@@ -566,7 +585,7 @@ class ChatMantis(BaseChatModel):
     ) -> AsyncIterator[ChatGenerationChunk]:
         request = self._request(messages, stop, kwargs)
         backend = self.get_backend()
-        async with _aupdate_sender(run_manager) as on_update:
+        async with _aupdate_sender(run_manager, self.on_update) as on_update:
             async for chunk in backend.astream(request, on_update=on_update):
                 if chunk.text or chunk.response is not None:
                     yield self._chunk(chunk.text, chunk.response, backend)

@@ -3,7 +3,6 @@ backend at it, and offline serving of the images the langchain-tests suites down
 
 from __future__ import annotations
 
-import base64
 import io
 
 import httpx
@@ -31,7 +30,12 @@ def picture_bytes(width: int = 96, height: int = 64) -> bytes:
 
 
 PICTURE = picture_bytes()
-PICTURE_B64 = base64.b64encode(PICTURE).decode()
+
+
+@pytest.fixture(scope="session")
+def picture() -> bytes:
+    """The PNG served for the suites' image downloads."""
+    return PICTURE
 
 
 def _offline_response(request: httpx.Request) -> httpx.Response:
