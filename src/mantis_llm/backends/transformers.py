@@ -80,6 +80,7 @@ class _Loaded:
     eos_ids: frozenset[int]
     image_token_id: int
     tokens_per_image: int
+    wrapper_tokens: int  # text tokens of "(image j: <Image>...</Image>) " around each image
     context: int
     stopping_list: Any  # transformers.StoppingCriteriaList
 
@@ -332,6 +333,8 @@ class TransformersBackend(Backend):
 
         probe = processor(text=[processor.image_token], images=[PILImage.new("RGB", (64, 64))], return_tensors="pt")
         tokens_per_image = int((probe["input_ids"][0] == image_token_id).sum())
+        wrapper = f"(image 1: <Image>{processor.image_token}</Image>) "
+        wrapper_tokens = len(tokenizer(wrapper, add_special_tokens=False)["input_ids"]) - 1
         context = self.max_context or int(getattr(config.text_config, "max_position_embeddings", 4096))
         logger.info(
             "loaded %s on %s (%s, %d tokens per image, context %d)",
@@ -340,7 +343,7 @@ class TransformersBackend(Backend):
         return _Loaded(
             torch=torch, model=model, processor=processor, tokenizer=tokenizer, device=model.device,
             pad_id=int(pad_id), eos_ids=frozenset(int(e) for e in eos), image_token_id=image_token_id,
-            tokens_per_image=tokens_per_image, context=context, stopping_list=tf.StoppingCriteriaList,
+            tokens_per_image=tokens_per_image, wrapper_tokens=wrapper_tokens, context=context, stopping_list=tf.StoppingCriteriaList,
         )  # fmt: skip
 
     def _torch_dtype(self, torch, on_cuda: bool):
@@ -369,11 +372,14 @@ class TransformersBackend(Backend):
         max_new = params.max_tokens if params.max_tokens is not None else min(self.default_max_tokens, room)
         if max_new > room or room < 1:
             asked = f"max_tokens={params.max_tokens}" if params.max_tokens is not None else "at least 1 new token"
-            fit = max(0, (st.context - text_tokens - (params.max_tokens or 1)) // st.tokens_per_image)
+            # text without the image wrappers (an index of d digits costs d-1 more than "1")
+            base = text_tokens - sum(st.wrapper_tokens + len(str(j)) - 1 for j in range(1, n_images + 1))
+            per_image = st.tokens_per_image + st.wrapper_tokens
+            fit = max(0, (st.context - base - (params.max_tokens or 1)) // per_image)
             raise ContextLengthError(
-                f"the prompt does not fit the context of {self.model}: {n_images} image(s) x "
-                f"{st.tokens_per_image} tokens + {text_tokens} text tokens = {needed} tokens, plus {asked}, "
-                f"exceeds the {st.context}-token limit; at most {fit} image(s) fit with this text"
+                f"the request does not fit the {st.context}-token context of {self.model}: {n_images} image(s) x "
+                f"{st.tokens_per_image} tokens + {text_tokens} text tokens = {needed} tokens, plus {asked}; "
+                f"with this text and max_tokens at most {fit} image(s) fit"
             )
         labels = [label for label, _ in labeled_images(request.conversation)]
         pil = [load_pil(img, self.image_options, label=label) for img, label in zip(rendered.images, labels)]
