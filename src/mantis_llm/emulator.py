@@ -19,7 +19,7 @@ URL layout (``emu.url`` is ``http://127.0.0.1:PORT``)::
     POST {url}/rest/storage/auth/token?storage_type=fal-cdn-v3     CDN token
     POST {url}/cdn/files/upload   (Bearer token)       -> {"access_url": "{url}/cdn/files/<id>/<name>"}
 
-Only the standard library, httpx-free; Pillow validates images. Run it standalone with
+Standard library only (plus Pillow to check images). Run it standalone with
 ``python -m mantis_llm.emulator``.
 """
 
@@ -57,7 +57,7 @@ NGINX_503 = (
     "</body></html>"
 )
 _DATA_URI = re.compile(r"data:([\w.+-]+/[\w.+-]+)((?:;[\w.+-]+=[\w.+-]+)*);base64,(.*)", re.S)
-FAULT_KINDS = ("drop", "503", "500", "429", "slow", "drop_after_accept")
+FAULT_KINDS = ("drop", "503", "500", "429", "slow", "drop_after_accept", "cut")
 ROUTES = ("submit", "status", "stream", "result", "cancel", "run", "run_stream", "token", "upload", "file")
 
 
@@ -138,6 +138,7 @@ class Faults:
     error_429: float = 0.0
     drop: float = 0.0  # close the connection without a response
     drop_after_accept: float = 0.0  # submit only: accept the job, then drop the connection
+    cut: float = 0.0  # SSE routes only: send the first event, then drop the connection
     slow: float = 0.0  # delay the first byte by slow_delay seconds
     slow_delay: float = 1.0
     retry_after: float = 1.0  # Retry-After seconds sent with 429
@@ -490,6 +491,8 @@ class FalEmulator:
         self._running.discard(job)
         if job in self._queue:
             self._queue.remove(job)
+            for other in self._queue:
+                other.bump()  # queue positions changed
         job.bump()
         self._sched.notify_all()
 
@@ -699,13 +702,13 @@ class FalEmulator:
             if f.routes is not None and route not in f.routes:
                 return None, False
             x, kind, acc = self._rng.random(), None, 0.0
-            for name, p in (("drop", f.drop), ("503", f.error_503), ("500", f.error_500),
-                            ("429", f.error_429), ("drop_after_accept", f.drop_after_accept)):
+            for name, p in (("drop", f.drop), ("503", f.error_503), ("500", f.error_500), ("429", f.error_429),
+                            ("drop_after_accept", f.drop_after_accept), ("cut", f.cut)):
                 acc += p
                 if x < acc:
                     kind = name
                     break
-            if kind == "drop_after_accept" and route != "submit":
+            if (kind == "drop_after_accept" and route != "submit") or (kind == "cut" and "stream" not in (route or "")):
                 kind = None
             slow = bool(f.slow) and self._rng.random() < f.slow
             return kind, slow
@@ -775,6 +778,7 @@ class FalEmulator:
                     (202, {"status": "CANCELLATION_REQUESTED"}, {})
                 if job.status != "COMPLETED":
                     self._complete(job, cancelled=True)
+                    self._advance()  # the freed slot goes to the next queued job right away
             elif route == "result":
                 answer = self._result(job) if job.result else (400, {"detail": "Request is still in progress"}, rid)
         if job is not None and route == "stream":
@@ -829,14 +833,10 @@ class FalEmulator:
         self._start_sse(h, rec, job.id)
         version, sent = -1, 0
         while True:
+            if rec.fault == "cut" and version >= 0:
+                raise _Dropped
             with self._lock:
-                waited = 0.0
-                while job.version == version and not self._stopping.is_set() and waited < self.ping_interval:
-                    t0 = time.monotonic()
-                    job.cond.wait(self.ping_interval - waited)
-                    waited += time.monotonic() - t0
-                if self._stopping.is_set():
-                    raise _Dropped
+                self._wait(job, lambda: job.version != version, time.monotonic() + self.ping_interval)
                 if job.version == version:
                     event = ": ping\n\n"
                 else:
@@ -875,6 +875,8 @@ class FalEmulator:
             with self._lock:
                 self._wait(job, done, started + self.service_time * k / steps)
             self._chunk(h, "data: " + json.dumps({"output": " ".join(words[: 3 * k]), "partial": True}) + "\n\n")
+            if rec.fault == "cut":
+                raise _Dropped
         with self._lock:
             self._wait(job, done)
             code, body = job.result  # type: ignore[misc]

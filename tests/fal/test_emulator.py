@@ -28,9 +28,13 @@ APP = DEFAULT_APPS[0]
 
 
 @pytest.fixture
-def emu():
-    with FalEmulator(service_time=0.05) as e:
+def emu(request):
+    """An emulator; ``@pytest.mark.parametrize("emu", [seconds], indirect=True)`` sets the service time."""
+    with FalEmulator(service_time=getattr(request, "param", 0.05)) as e:
         yield e
+
+
+slow_jobs = pytest.mark.parametrize("emu", [0.3], indirect=True)  # room to observe a job mid-way
 
 
 @pytest.fixture
@@ -67,6 +71,7 @@ def wait_done(client, sub) -> dict:
 # ------------------------------------------------------------------ queue
 
 
+@slow_jobs
 def test_submit_status_result(emu, client, payload):
     r = client.post(f"{emu.url}/{APP}", json=payload)
     assert r.status_code == 200
@@ -85,7 +90,7 @@ def test_submit_status_result(emu, client, payload):
 
     done = wait_done(client, sub)
     assert done["status"] == "COMPLETED" and done["logs"] is None
-    assert 0.04 <= done["metrics"]["inference_time"] < 1 and "error" not in done
+    assert 0.3 <= done["metrics"]["inference_time"] < 2 and "error" not in done
     final = client.get(sub["status_url"], params={"logs": "true"})
     assert final.status_code == 200
     assert [log["message"] for log in final.json()["logs"]][:2] == ["Request queued", "Loading 2 images"]
@@ -107,6 +112,7 @@ def test_digest_tells_requests_apart(payload):
     assert len(expected_digest(payload)) == 8
 
 
+@slow_jobs
 def test_status_stream_sse(emu, client, payload):
     sub = client.post(f"{emu.url}/{APP}", json=payload).json()
     with client.stream("GET", sub["status_url"] + "/stream", params={"logs": 1}) as r:
@@ -402,6 +408,22 @@ def test_dropped_connection_and_drop_after_accept(emu, client, payload):
         client.post(f"{emu.url}/{APP}", json=payload)
     assert len(emu.submissions) == 1  # the job exists although the client never heard of it
     assert client.post(f"{emu.url}/{APP}", json=payload).status_code == 200  # connection pool recovers
+
+
+def test_cut_sse_streams(emu, client, payload):
+    emu.inject("cut", route="stream")
+    sub = client.post(f"{emu.url}/{APP}", json=payload).json()
+    with pytest.raises(httpx.RemoteProtocolError), client.stream("GET", sub["status_url"] + "/stream") as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        list(lines)
+    assert emu.requests[-1].fault == "cut"
+    emu.faults = Faults(cut=1.0)
+    with pytest.raises(httpx.RemoteProtocolError), client.stream("POST", f"{emu.run_url}/{APP}/stream", json=payload) as r:
+        lines = r.iter_lines()
+        assert json.loads(next(lines)[len("data: "):])["partial"] is True
+        list(lines)
+    assert client.get(sub["status_url"]).status_code in (200, 202)  # other routes unaffected
 
 
 def test_slow_first_byte(emu, client, payload):
