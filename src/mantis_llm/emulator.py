@@ -93,7 +93,12 @@ class JobError:
     error_type: str = "runner_server_error"
 
 
-HANG = object()  # script entry / callable return value: the job never finishes
+class _Hang:
+    def __repr__(self) -> str:
+        return "HANG"
+
+
+HANG = _Hang()  # script entry / callable return value: the job never finishes
 ScriptEntry = Union[str, JobError, object, None]
 
 
@@ -511,7 +516,9 @@ class FalEmulator:
                 entry = HANG
             elif entry is None and f.job_error and self._rng.random() < f.job_error:
                 entry = JobError()
-            outcome = entry if entry is HANG or isinstance(entry, JobError) else expected_output(payload, entry)
+            if entry is not HANG and not isinstance(entry, JobError):
+                entry = expected_output(payload, None if entry is None else str(entry))
+            outcome = entry
         job = _Job(self, app, payload, mode, outcome)
         try:
             job.start_by = job.created + float(rec.headers["x-fal-request-timeout"])
