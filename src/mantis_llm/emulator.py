@@ -39,7 +39,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Union
@@ -240,6 +240,10 @@ class FalEmulator:
         apps: known endpoint ids (others get 404); None accepts any ``owner/app``.
         faults: a :class:`Faults`, or keyword fields of one (``faults={"error_503": 0.2}``).
         hang: shortcut for ``Faults(hang=1.0)``: every job runs forever (until cancelled).
+        ping_interval: seconds between ``: ping`` comments on an idle SSE status stream.
+
+    ``key``, ``service_time``, ``concurrency`` and ``faults`` may be changed while it runs (they
+    apply to later requests/jobs). Records: ``requests``, ``submissions``, ``cancelled``, ``uploads``.
     """
 
     digest_size = 8
@@ -368,6 +372,7 @@ class FalEmulator:
             return [f"{self.cdn_url}/files/{fid}" for fid in self._files]
 
     def job_status(self, request_id: str) -> str | None:
+        """IN_QUEUE / IN_PROGRESS / COMPLETED for a request id (queue or sync), None if unknown."""
         with self._lock:
             job = self._jobs.get(request_id)
             return job.status if job else None

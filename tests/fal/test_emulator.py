@@ -129,6 +129,16 @@ def test_status_stream_sse(emu, client, payload):
     assert [e["status"] for e in sse_events(again)] == ["COMPLETED"] and again.json is not None
 
 
+def test_settings_change_while_running(emu, client, payload):
+    emu.service_time = 0.2
+    sub = client.post(f"{emu.url}/{APP}", json=payload).json()
+    assert emu.job_status(sub["request_id"]) == "IN_PROGRESS" and emu.job_status("nope") is None
+    assert wait_done(client, sub)["metrics"]["inference_time"] >= 0.2
+    assert emu.job_status(sub["request_id"]) == "COMPLETED"
+    emu.key = "new:key"
+    assert client.post(f"{emu.run_url}/{APP}", json=payload).status_code == 401
+
+
 def test_queue_positions_with_concurrency_limit(client, payload):
     with FalEmulator(service_time=0.15, concurrency=1) as emu:
         url = f"{emu.url}/{APP}"
