@@ -219,6 +219,23 @@ def test_stream_concatenates_to_the_answer(clip_backend, make_image):
     assert (last.text, last.usage, last.finish_reason) == (full.text, full.usage, full.finish_reason)
 
 
+def test_stream_of_raw_bytes_concatenates_to_the_answer(tiny_clip, make_image):
+    """Undo the builder's bias towards ASCII: answers become arbitrary bytes (split UTF-8
+    sequences, invalid bytes), which streaming must not garble."""
+    with TransformersBackend(model=tiny_clip) as backend:
+        tok, head = backend.processor.tokenizer, backend.hf_model.get_output_embeddings().weight
+        high_bytes = [i for i in range(len(tok)) if tok.decode([i]) == "\ufffd"]  # bytes >= 0x80
+        assert len(high_bytes) == 128
+        with torch.no_grad():
+            head[high_bytes] *= 8.0
+        request = ask("Bytes.", [make_image()], max_tokens=40)
+        full = backend.generate(request)
+        assert any(ord(ch) > 127 for ch in full.text)
+        chunks = list(backend.stream(request))
+        assert "".join(c.text for c in chunks) == full.text
+        assert len(chunks) > 3
+
+
 def test_abandoned_stream_stops_its_row(clip_backend, make_image):
     stream = clip_backend.stream(ask("Go on and on.", [make_image()], max_tokens=250))
     next(stream)

@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Callable, ClassVar, Iterator, Sequence
@@ -121,12 +122,11 @@ class _Job:
         # a seeded sample must not depend on its batch neighbours: it runs alone
         return ("sample", self.temperature, self.top_p, None if self.seed is None else id(self))
 
-    def cancel(self, error: MantisError | None = None) -> None:
-        """Drop the job if still queued; stop its row at the next token if running."""
-        if self.future.done():
-            return
-        self.cancel_error = error or RequestCancelledError("the request was cancelled", request_id=self.request_id)
-        self.future.cancel()
+    def cancel(self) -> None:
+        """The caller gave up: drop the job if queued, stop its row at the next token if running."""
+        if not self.future.done():
+            self.cancel_error = RequestCancelledError("the request was cancelled", request_id=self.request_id)
+            self.future.cancel()
 
     def fail(self, exc: BaseException) -> None:
         try:
@@ -385,7 +385,7 @@ class TransformersBackend(Backend):
         pil = [load_pil(img, self.image_options, label=label) for img, label in zip(rendered.images, labels)]
         try:
             enc = st.processor(text=[rendered.text], images=pil or None, return_tensors="pt")
-        except Exception as exc:  # the processor rejecting an image is a bad request, not a crash
+        except Exception as exc:  # images were validated already: this is unexpected
             raise BackendError(f"the processor failed on this request: {_first_line(exc)}") from None
         temperature = params.temperature
         return _Job(
@@ -402,9 +402,17 @@ class TransformersBackend(Backend):
             request_id=f"local-{uuid.uuid4().hex[:16]}",
         )
 
-    def _begin(self) -> None:
+    @contextmanager
+    def _slot(self) -> Iterator[list[_Job]]:
+        """Count a request as being prepared (the worker holds a batch open for it, up to
+        ``batch_wait``); on exit queue whatever job was put in the yielded list."""
         with self._cond:
             self._preparing += 1
+        made: list[_Job] = []
+        try:
+            yield made
+        finally:
+            self._enqueue(made, began=1)
 
     def _enqueue(self, jobs: Sequence[_Job], began: int = 0) -> None:
         """Queue prepared jobs (atomically) and end ``began`` preparations."""
@@ -424,32 +432,18 @@ class TransformersBackend(Backend):
         if on_update is not None and not self.loaded:
             on_update(Update(status="LOADING"))
         self.load()
-        self._begin()
-        try:
-            job = self._prepare(request, sink)
-        except BaseException:
-            self._enqueue([], began=1)
-            raise
-        self._enqueue([job], began=1)
-        if on_update is not None:
-            on_update(Update(status="IN_QUEUE", request_id=job.request_id))
-        return job
+        with self._slot() as made:
+            made.append(self._prepare(request, sink))
+        return _queued(made[0], on_update)
 
     async def _asubmit(self, request: Request, sink, on_update: OnUpdate | None) -> _Job:
         if not self.loaded:
             if on_update is not None:
                 on_update(Update(status="LOADING"))
             await asyncio.to_thread(self.load)
-        self._begin()
-        try:
-            job = await asyncio.to_thread(self._prepare, request, sink)
-        except BaseException:
-            self._enqueue([], began=1)
-            raise
-        self._enqueue([job], began=1)
-        if on_update is not None:
-            on_update(Update(status="IN_QUEUE", request_id=job.request_id))
-        return job
+        with self._slot() as made:
+            made.append(await asyncio.to_thread(self._prepare, request, sink))
+        return _queued(made[0], on_update)
 
     # ------------------------------------------------------------------ public API
 
@@ -549,8 +543,8 @@ class TransformersBackend(Backend):
             with self._cond:
                 self._stopping = True
                 pending, self._jobs = list(self._jobs), deque()
-                for job in self._running:
-                    job.cancel(closed)
+                for job in self._running:  # their rows stop at the next token and fail
+                    job.cancel_error = closed
                 self._cond.notify_all()
             for job in pending:
                 job.fail(closed)
@@ -749,6 +743,12 @@ class _RowTracker:
             if not row.done and len(row.ids) >= job.max_new:
                 self.finish(row, "length")
         return st.torch.tensor([row.done for row in self.rows], dtype=st.torch.bool, device=input_ids.device)
+
+
+def _queued(job: _Job, on_update: OnUpdate | None) -> _Job:
+    if on_update is not None:
+        on_update(Update(status="IN_QUEUE", request_id=job.request_id))
+    return job
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
