@@ -84,3 +84,15 @@ def emu(emulator: FalEmulator, monkeypatch: pytest.MonkeyPatch) -> FalEmulator:
     for name, value in emulator.env().items():
         monkeypatch.setenv(name, value)
     return emulator
+
+
+@pytest.fixture(scope="session")
+def local_backend(tmp_path_factory):
+    """A TransformersBackend on a tiny random-weight Mantis (built here, nothing downloaded)."""
+    from mantis_llm.backends.transformers import TransformersBackend
+    from mantis_llm.testing import build_tiny_mantis
+
+    path = build_tiny_mantis(tmp_path_factory.mktemp("tiny-mantis") / "clip", vision="clip")
+    backend = TransformersBackend(model=str(path))
+    yield backend
+    backend.close()

@@ -302,6 +302,17 @@ async def test_queue_updates_async_in_order_with_queue_position(emu):
     assert [u.status for u in seen][-1] == "COMPLETED"
 
 
+def test_queue_updates_on_the_v3_stream_events_path(chat, emu):
+    """stream_events(version="v3") hands _stream its run manager: updates become events."""
+    rec = Recorder()
+    stream = chat.stream_events([looks_at("x", {"type": "image", "url": URL_A})], version="v3",
+                                config={"callbacks": [rec]})
+    for _ in stream:
+        pass
+    assert [data["status"] for name, data in rec.events if name == QUEUE_UPDATE_EVENT][-1] == "COMPLETED"
+    assert stream.output.text == expected_output(last_payload(emu))
+
+
 # ------------------------------------------------------------------ batches
 
 
@@ -459,7 +470,8 @@ def test_structured_output_argument_errors():
 # ------------------------------------------------------------------ configuration, secrets
 
 
-def test_key_never_in_repr_serialization_or_pickle_of_state(emu, monkeypatch):
+@pytest.mark.filterwarnings("ignore:The function `load` is in beta")
+def test_key_never_in_repr_serialization(emu, monkeypatch):
     chat = ChatMantis(api_key="sk-very-secret")
     texts = [repr(chat), str(chat), dumps(chat), json.dumps(dumpd(chat)), chat.model_dump_json(), str(chat.asdict())]
     for text in texts:

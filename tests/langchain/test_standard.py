@@ -111,18 +111,21 @@ def emulator_answers(payload: Any) -> str | None:
     return JOKE if "JSON" in str(payload.get("prompt", "")) else None
 
 
-class TestChatMantisFalIntegration(ChatModelIntegrationTests):
-    _backend: Backend | None = None
+@pytest.fixture(scope="module")
+def fal_backend(emulator, picture):
+    """A FalBackend on the module's emulator (scripted answers), wrapped for text-only tests."""
+    emulator.script(emulator_answers)
+    inner = FalBackend(api_key=emulator.key, queue_url=emulator.queue_url, run_url=emulator.run_url,
+                       rest_url=emulator.rest_url, cdn_url=emulator.cdn_url)
+    yield PictureForTextOnly(inner, picture)
+    inner.close()
+    emulator.script([])
 
-    @pytest.fixture(scope="class", autouse=True)
-    def _fal_backend(self, request, emulator, picture):
-        emulator.script(emulator_answers)
-        inner = FalBackend(api_key=emulator.key, queue_url=emulator.queue_url, run_url=emulator.run_url,
-                           rest_url=emulator.rest_url, cdn_url=emulator.cdn_url)
-        request.cls._backend = PictureForTextOnly(inner, picture)
-        yield
-        request.cls._backend.close()
-        emulator.script([])
+
+class TestChatMantisFalIntegration(ChatModelIntegrationTests):
+    @pytest.fixture(autouse=True)
+    def _backend(self, fal_backend):
+        self.backend = fal_backend
 
     @property
     def chat_model_class(self) -> type[ChatMantis]:
@@ -130,7 +133,7 @@ class TestChatMantisFalIntegration(ChatModelIntegrationTests):
 
     @property
     def chat_model_params(self) -> dict:
-        return {"backend": type(self)._backend}
+        return {"backend": self.backend}
 
     @property
     def has_tool_calling(self) -> bool:
@@ -162,17 +165,9 @@ _RANDOM_JSON = (
 
 
 class TestChatMantisLocalIntegration(ChatModelIntegrationTests):
-    _backend: Backend | None = None
-
-    @pytest.fixture(scope="class", autouse=True)
-    def _local_backend(self, request, tmp_path_factory):
-        from mantis_llm.backends.transformers import TransformersBackend
-        from mantis_llm.testing import build_tiny_mantis
-
-        path = build_tiny_mantis(tmp_path_factory.mktemp("tiny-mantis") / "clip", vision="clip")
-        request.cls._backend = TransformersBackend(model=str(path))
-        yield
-        request.cls._backend.close()
+    @pytest.fixture(autouse=True)
+    def _backend(self, local_backend):
+        self.backend = local_backend
 
     @property
     def chat_model_class(self) -> type[ChatMantis]:
@@ -180,7 +175,7 @@ class TestChatMantisLocalIntegration(ChatModelIntegrationTests):
 
     @property
     def chat_model_params(self) -> dict:
-        return {"backend": type(self)._backend, "max_tokens": 12}
+        return {"backend": self.backend, "max_tokens": 12}
 
     @property
     def has_tool_calling(self) -> bool:
