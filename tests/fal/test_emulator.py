@@ -569,3 +569,14 @@ def test_official_fal_client_speaks_to_it(emu, monkeypatch, png_bytes):
     with pytest.raises(fal_client.FalClientHTTPError) as err:
         c.submit(APP, {"prompt": "no images"}).get()
     assert err.value.status_code == 422
+    # our ingress 503 and 429 are what fal-client recognises as retryable; our 500 is not
+    emu.faults = Faults(retry_after=0)
+    emu.inject("503", route="submit")
+    emu.inject("429", route="status")
+    before = len(emu.submissions)
+    assert c.subscribe(APP, p)["output"] == expected_output(p)
+    assert len(emu.submissions) == before + 1
+    emu.inject("500", route="run")
+    with pytest.raises(fal_client.FalClientHTTPError) as err:
+        c.run(APP, p)
+    assert err.value.status_code == 500
