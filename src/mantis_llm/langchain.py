@@ -98,6 +98,7 @@ MAX_INPUT_TOKENS = 4096  # Mantis-llava-7b context (576 tokens per image)
 _PROVIDERS = {"fal": "fal", "local": "transformers"}
 _CALL_PARAMS = ("max_tokens", "temperature", "top_p", "seed")
 _BUILT_BY_FIELDS = ("api_key", "timeout", "max_retries", "model", "endpoint")
+_TOOL_CALL_BLOCKS = ("tool_call", "tool_call_chunk", "invalid_tool_call", "server_tool_call")
 
 
 # ----------------------------------------------------------------------------- translation
@@ -151,8 +152,10 @@ def _to_turn(message: BaseMessage, i: int) -> Turn:
         if kind == "text" or (kind == "text-plain" and isinstance(block.get("text"), str)):
             if block.get("text"):
                 parts.append(block["text"])
-        elif role == "assistant" and kind in ("tool_call", "server_tool_call"):
-            args = json.dumps(block.get("args") or {}, ensure_ascii=False, default=str)
+        elif role == "assistant" and kind in _TOOL_CALL_BLOCKS:
+            args = block.get("args") or {}
+            if not isinstance(args, str):  # invalid_tool_call / chunks carry the raw string
+                args = json.dumps(args, ensure_ascii=False, default=str)
             parts.append(f"\nTool call: {block.get('name')} {args}\n")
         elif role == "assistant" and kind == "reasoning":
             continue  # another model's hidden reasoning is not part of the dialogue
@@ -160,7 +163,7 @@ def _to_turn(message: BaseMessage, i: int) -> Turn:
             parts.append(_image(block, where))
         elif kind == "image":
             raise InvalidRequestError(f"{where}: images in AI messages are not supported by Mantis")
-        elif kind in ("tool_call", "tool_call_chunk", "invalid_tool_call"):
+        elif kind in _TOOL_CALL_BLOCKS:
             raise InvalidRequestError(f"{where}: {kind} blocks are only allowed in AI messages")
         elif kind in ("audio", "video", "file", "text-plain"):
             raise InvalidRequestError(
@@ -308,7 +311,10 @@ class ChatMantis(BaseChatModel):
         max_tokens, temperature, top_p, stop, seed: generation defaults (per call too).
         timeout, max_retries: fal request limits (``None``: the backend's defaults).
         backend_options: extra constructor options for the backend (e.g. ``queue_url``,
-            ``mode`` for fal; ``device``, ``dtype`` for local).
+            ``mode``, ``with_logs`` for fal; ``device``, ``dtype`` for local).
+        streaming: make ``invoke`` use the streaming path as well.
+        on_update: a callable receiving every backend progress report (fal queue status,
+            position, logs), on every path; not serialized.
 
     The backend is built on first use and reused (its connection pool or loaded weights);
     :meth:`close` / :meth:`aclose` release it.

@@ -152,6 +152,8 @@ def test_ai_tool_calls_are_written_out_and_reasoning_dropped():
     text = turn.text
     assert "Let me look." in text and 'Tool call: zoom {"factor": 2}' in text
     assert "secret thoughts" not in text
+    broken = AIMessage(content=[{"type": "invalid_tool_call", "name": "zoom", "args": "{factor: 2", "id": "c2", "error": "bad json"}])
+    assert "Tool call: zoom {factor: 2" in messages_to_conversation([broken]).turns[0].text
 
 
 def test_tool_message_becomes_a_user_observation_with_images(b64, png_bytes):
