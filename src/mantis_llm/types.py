@@ -173,6 +173,12 @@ class Turn:
             raise InvalidRequestError(f"unknown role {self.role!r}: expected one of {ROLES}")
         if isinstance(self.parts, (str, Image)):
             self.parts = [self.parts]
+        if not isinstance(self.parts, list):
+            if not isinstance(self.parts, tuple):
+                raise InvalidRequestError(
+                    f"message parts must be a list of text and Image, not {type(self.parts).__name__}"
+                )
+            self.parts = list(self.parts)
         for p in self.parts:
             if not isinstance(p, (str, Image)):
                 raise InvalidRequestError(
@@ -194,9 +200,20 @@ class Conversation:
 
     turns: list[Turn] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.turns, (list, tuple)):
+            raise InvalidRequestError(f"a conversation is a list of Turns, not {type(self.turns).__name__}")
+        if isinstance(self.turns, tuple):
+            self.turns = list(self.turns)
+        for i, turn in enumerate(self.turns, 1):
+            if not isinstance(turn, Turn):
+                raise InvalidRequestError(f"message {i} is a {type(turn).__name__}, not a Turn")
+
     @classmethod
     def from_prompt(cls, prompt: str, images: Sequence[Any] = (), system: str | None = None) -> "Conversation":
         """One user turn: the images first, then the prompt (Mantis's own example order)."""
+        if isinstance(images, (str, bytes, bytearray, os.PathLike, Image)) or _is_pil(images):
+            images = [images]  # one image, not a sequence of characters or bytes
         parts: list[Part] = [i if isinstance(i, Image) else Image(i) for i in images]
         if prompt:
             parts.append(prompt)
@@ -259,6 +276,14 @@ class Request:
 
     conversation: Conversation
     params: GenerationParams = field(default_factory=GenerationParams)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.conversation, Conversation):
+            raise InvalidRequestError(
+                f"Request.conversation must be a Conversation, not {type(self.conversation).__name__}"
+            )
+        if not isinstance(self.params, GenerationParams):
+            raise InvalidRequestError(f"Request.params must be GenerationParams, not {type(self.params).__name__}")
 
 
 @dataclass(frozen=True)
