@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import pickle
@@ -232,6 +233,7 @@ def test_failed_job_is_a_backend_error_with_its_type(emu, make, mode):
     assert "runner_disconnected" in str(ei.value) and "Runner disconnected" in str(ei.value)
     assert ei.value.request_id == emu.submissions[0].request_id
     assert len(emu.submissions) == 1  # a job failure is final: not resubmitted
+    assert emu.cancelled == []  # a finished job is not cancelled
 
 
 def test_server_error_on_result_is_not_retried(emu, make):
@@ -442,6 +444,7 @@ def test_key_never_leaks(emu, make, caplog):
     assert all(emu.key not in t for t in texts)
     with pytest.raises(TypeError):
         pickle.dumps(b)
+    assert copy.deepcopy(b) is b  # frameworks deep-copy models: share the pool, never the key in a pickle
     assert b.api_key.get_secret_value() == emu.key
 
 

@@ -26,6 +26,7 @@ best-effort (one more ``Send``) and re-raises them.
 from __future__ import annotations
 
 import email.utils
+import functools
 import json
 import logging
 import random
@@ -63,7 +64,7 @@ CONNECT_TIMEOUT = 10.0
 STEP_TIMEOUT = 30.0  # status, result, token: one request never waits longer than this
 CANCEL_TIMEOUT = 3.0  # the best-effort cancel PUT
 STATUS_STREAM_IDLE = 5.0  # reopen a silent status stream after this long (bounds deadline overshoot)
-POLL_START, POLL_GROWTH, POLL_MAX = 0.02, 1.5, 1.0  # adaptive polling interval (seconds)
+POLL_START, POLL_GROWTH, POLL_MAX = 0.02, 1.3, 1.0  # adaptive polling interval (seconds)
 STREAM_REOPENS = 3  # status streams that end without COMPLETED, in a row, before polling instead
 
 KNOWN_STATUSES = ("IN_QUEUE", "IN_PROGRESS", "COMPLETED")
@@ -114,7 +115,7 @@ Flow = Generator[Any, Any, Any]
 
 def origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
     """(scheme, host, port) with the default port filled in: what "the same host" means."""
-    u = httpx.URL(url)
+    u = url if isinstance(url, httpx.URL) else httpx.URL(url)
     return u.scheme, u.host, u.port or {"http": 80, "https": 443}.get(u.scheme)
 
 
@@ -134,7 +135,7 @@ class FalConfig:
     upload_threshold: int = 1_000_000
     extra_input: dict[str, Any] = field(default_factory=dict)
 
-    @property
+    @functools.cached_property
     def trusted_origins(self) -> frozenset:
         """The hosts that may see ``Authorization: Key``: the configured queue, run and REST hosts."""
         return frozenset(origin(u) for u in (self.queue_url, self.run_url, self.rest_url))
@@ -157,9 +158,9 @@ class FalConfig:
         """
         h = {"User-Agent": USER_AGENT, "Accept": "application/json"}
         h.update(headers or {})
-        if key_auth and origin(url) in self.trusted_origins:
-            h["Authorization"] = "Key " + self.key.get_secret_value()
         req = httpx.Request(method, url, headers=h, **kwargs)
+        if key_auth and origin(req.url) in self.trusted_origins:
+            req.headers["Authorization"] = "Key " + self.key.get_secret_value()
         t = max(timeout, 0.001)
         req.extensions["timeout"] = httpx.Timeout(t, connect=min(connect, t)).as_dict()
         return req
@@ -593,7 +594,11 @@ def build_payload(call: Call, image_options: Any, client: Any = None) -> Flow:
     labels = [label for label, _ in labeled_images(conv)]
     if len(labels) != len(rendered.images):
         labels = [f"image {i}" for i in range(1, len(rendered.images) + 1)]
-    encoded = yield Offload(encode_images, (rendered.images, labels, image_options, call.cfg.upload_threshold, client))
+    args = (rendered.images, labels, image_options, call.cfg.upload_threshold, client)
+    if all(img.is_remote for img in rendered.images) and not image_options.fetch_remote:
+        encoded = encode_images(*args)  # URLs pass through: nothing to decode, no thread hop
+    else:
+        encoded = yield Offload(encode_images, args)
     urls = []
     for item in encoded:
         urls.append(item if isinstance(item, str) else (yield from upload(call, item)))
@@ -666,8 +671,8 @@ def queue_flow(call: Call, image_options: Any, client: Any = None) -> Flow:
     job = parse_submit(call, resp)
     try:
         final = yield from wait_for_completion(call, job)
+        job.done = True  # nothing left to cancel
         result = yield from call.call("result", "read", lambda t: cfg.build("GET", job.response_url, timeout=t))
-        job.done = True
     except GeneratorExit:
         raise
     except BaseException as exc:
@@ -752,6 +757,7 @@ def wait_stream(call: Call, job: Job) -> Flow:
                 call.state.status_stream = False  # this server has no status stream: stop trying
             yield Close(resp)
             return None
+        logger.debug("fal status stream %s -> %s", req.url, resp.status_code)
         decoder, got_event = SSEDecoder(), False
         while True:
             chunk = yield Read(resp, max(call.remaining(), 0.001))

@@ -8,6 +8,7 @@ generators that yield actions; this module only runs them, once with an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -33,6 +34,7 @@ Mode = Literal["queue", "sync", "stream"]
 _UNSET: Any = object()
 _LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=100)
 _STREAM_ERRORS = (httpx.HTTPError, httpx.StreamError)
+_SHARD_CALLS = 16  # concurrent calls per pooled AsyncClient (see FalBackend._async_client)
 
 
 @functools.lru_cache(maxsize=1)
@@ -169,7 +171,8 @@ class FalBackend(Backend):
         self._state = proto.SharedState()
         self._user_client, self._user_async_client = client, async_client
         self._client: httpx.Client | None = None
-        self._async_clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
+        # per event loop: {AsyncClient: calls in flight}
+        self._async_clients: dict[asyncio.AbstractEventLoop, dict[httpx.AsyncClient, int]] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ config views
@@ -198,6 +201,11 @@ class FalBackend(Backend):
     def __reduce__(self):
         raise TypeError("FalBackend holds an API key and open connections; it cannot be pickled")
 
+    def __deepcopy__(self, memo: dict) -> "FalBackend":
+        return self  # immutable settings around a connection pool: copies share it
+
+    __copy__ = lambda self: self  # noqa: E731
+
     # ------------------------------------------------------------------ clients
 
     def _sync_client(self) -> httpx.Client:
@@ -208,18 +216,36 @@ class FalBackend(Backend):
                 self._client = httpx.Client(limits=_LIMITS, verify=_ssl_context(), follow_redirects=False)
             return self._client
 
-    def _async_client(self) -> httpx.AsyncClient:
+    @contextlib.contextmanager
+    def _async_client(self) -> Iterator[httpx.AsyncClient]:
+        """A pooled AsyncClient of the running loop for one call.
+
+        httpcore's pool does work quadratic in its number of connections on every request
+        (encode/httpx#3215), and each queued call holds a connection for its status stream,
+        so calls are spread over clients serving at most ``_SHARD_CALLS`` calls each.
+        Sequential use stays on the first, warm client.
+        """
         if self._user_async_client is not None:
-            return self._user_async_client
+            yield self._user_async_client
+            return
         loop = asyncio.get_running_loop()
         with self._lock:
-            client = self._async_clients.get(loop)
-            if client is None:
+            shards = self._async_clients.get(loop)
+            if shards is None:
                 for old in [lp for lp in self._async_clients if lp.is_closed()]:
-                    del self._async_clients[old]  # its loop is gone; its sockets go with it
+                    del self._async_clients[old]  # its loop is gone; its sockets went with it
+                shards = self._async_clients[loop] = {}
+            client = next((c for c, n in shards.items() if n < _SHARD_CALLS), None)
+            if client is None:
                 client = httpx.AsyncClient(limits=_LIMITS, verify=_ssl_context(), follow_redirects=False)
-                self._async_clients[loop] = client
-            return client
+                shards[client] = 0
+            shards[client] += 1
+        try:
+            yield client
+        finally:
+            with self._lock:
+                if client in shards:
+                    shards[client] -= 1
 
     def close(self) -> None:
         """Close the pooled sync client (and forget async clients; prefer :meth:`aclose`)."""
@@ -233,8 +259,8 @@ class FalBackend(Backend):
         """Close the pooled clients (the async one of the running loop included)."""
         loop = asyncio.get_running_loop()
         with self._lock:
-            client = self._async_clients.pop(loop, None)
-        if client is not None:
+            shards = self._async_clients.pop(loop, {})
+        for client in shards:
             await client.aclose()
         self.close()
 
@@ -389,13 +415,13 @@ class FalBackend(Backend):
         yield from self._drive(self._call(request, on_update), self._sync_client())
 
     async def astream(self, request: Request, *, on_update: OnUpdate | None = None) -> AsyncIterator[Chunk]:
-        client = self._async_client()
-        agen = self._adrive(self._call(request, on_update), client)
-        try:
-            async for chunk in agen:
-                yield chunk
-        finally:
-            await agen.aclose()
+        with self._async_client() as client:
+            agen = self._adrive(self._call(request, on_update), client)
+            try:
+                async for chunk in agen:
+                    yield chunk
+            finally:
+                await agen.aclose()
 
     def generate_batch(self, requests: Sequence[Request]) -> list[Response]:
         """Run the requests concurrently on the pooled client (threads); order is kept."""
