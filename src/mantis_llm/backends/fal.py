@@ -109,9 +109,9 @@ class FalBackend(Backend):
     ``queue_time``, ``inference_time``, ``status_transport`` (sse/poll), ``status_requests``,
     ``retries`` and ``uploads``.
 
-    Async use: one pooled ``AsyncClient`` is kept per event loop (an httpx client cannot
-    cross loops), so the backend also works from several ``asyncio.run()`` calls; call
-    :meth:`aclose` inside the loop to close its connections. On ``asyncio`` cancellation the
+    Async use: pooled ``AsyncClient``\ s are kept per event loop (an httpx client cannot
+    cross loops; one client per 16 concurrent calls), so the backend also works from several
+    ``asyncio.run()`` calls; call :meth:`aclose` inside the loop to close its connections. On ``asyncio`` cancellation the
     job is cancelled at fal and ``CancelledError`` propagates. On ``KeyboardInterrupt`` in
     sync code the job is cancelled too and the ``KeyboardInterrupt`` propagates (turning it
     into an ordinary exception would let ``except Exception`` swallow Ctrl-C).
@@ -239,6 +239,7 @@ class FalBackend(Backend):
             if client is None:
                 client = httpx.AsyncClient(limits=_LIMITS, verify=_ssl_context(), follow_redirects=False)
                 shards[client] = 0
+                logger.debug("fal: pooled AsyncClient %d for this event loop", len(shards))
             shards[client] += 1
         try:
             yield client
