@@ -109,7 +109,7 @@ class FalBackend(Backend):
     ``queue_time``, ``inference_time``, ``status_transport`` (sse/poll), ``status_requests``,
     ``retries`` and ``uploads``.
 
-    Async use: pooled ``AsyncClient``\ s are kept per event loop (an httpx client cannot
+    Async use: pooled httpx async clients are kept per event loop (an httpx client cannot
     cross loops; one client per 16 concurrent calls), so the backend also works from several
     ``asyncio.run()`` calls; call :meth:`aclose` inside the loop to close its connections. On ``asyncio`` cancellation the
     job is cancelled at fal and ``CancelledError`` propagates. On ``KeyboardInterrupt`` in
