@@ -311,7 +311,7 @@ def report(res: SoakResult, seed: int) -> str:
         f"| total wall time | {res.wall:.1f} s ({res.n / res.wall:.0f} requests/s) |",
         f"| HTTP requests seen by the emulator | {res.http_requests} |",
         f"| faults injected | {sum(res.faults.values())} ({sum(res.faults.values()) / res.http_requests:.1%} of HTTP requests): {faults} |",
-        f"| retries made by FalBackend | {res.retries} |",
+        f"| retries made by FalBackend (in the answered calls) | {res.retries} |",
         f"| answered correctly (own digest) | {v['ok']} |",
         f"| typed BackendError, submit hit by 500/drop (not resent by design) | {v['submit-ambiguous']} |",
         f"| typed BackendError, result fetch hit by 500 (not retried: see notes) | {v['result-500']} |",
