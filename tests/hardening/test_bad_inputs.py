@@ -350,3 +350,28 @@ def test_literal_placeholders_in_text_are_escaped_not_errors(emu):
     local = render(conv, "local").text
     assert local.count("<image>") == 1 and "(image 1: <Image><image></Image>)" in local
     assert local.count("</s>") == 2 and "And < /s> or < s>?" in local  # only the template's separators
+
+
+# ----------------------------------------------------------------------------- adapter constructors
+
+WRONG_TYPES = dict(
+    model=5, backend=3.5, api_key=5, max_tokens="many", temperature="hot", top_p=[1], stop=5, seed="s",
+    timeout="soon", max_retries=1.5, backend_options=[1], on_update=5,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("cls", [ChatMantis, Mantis, MantisMultiModal], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("field", sorted(WRONG_TYPES))
+def test_adapter_constructors_reject_every_wrongly_typed_field(cls, field):
+    """Adapter constructor fields are validated by pydantic, as in every LangChain/LlamaIndex
+    model: a wrong type raises pydantic's ValidationError (a ValueError) naming the field; our
+    own checks (e.g. Mantis(temperature=5), unknown backend names) raise MantisErrors. Either
+    way: at construction, fast, naming the field. (Reported: the issue asks for MantisError
+    here too; that would mean wrapping pydantic's error in both adapters.)"""
+    import pydantic
+
+    t0 = time.perf_counter()
+    with pytest.raises((pydantic.ValidationError, MantisError)) as ei:
+        cls(**{field: WRONG_TYPES[field]})
+    assert time.perf_counter() - t0 < PER_CASE
+    assert field in str(ei.value)

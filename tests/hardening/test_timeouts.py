@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from urllib.parse import urlsplit
 
 import pytest
 from langchain_core.messages import HumanMessage
@@ -24,7 +25,7 @@ from mantis_llm.llama_index import Mantis
 from .conftest import Snapshot, tcp_sockets
 
 TIMEOUT = 0.6
-MARGIN = 0.6  # scheduling noise on a busy 2-core machine, plus the cancel PUT
+MARGIN = 1.0  # scheduling noise on a busy 2-core machine, plus the cancel PUT
 IMG = "http://127.0.0.1:9/cat.jpg"  # passed to fal as a URL, never fetched
 
 
@@ -80,7 +81,7 @@ def test_timeout_cancels_the_job_and_leaves_nothing_behind(emu, kind):
     assert TIMEOUT <= elapsed < TIMEOUT + MARGIN
     rid = assert_cancelled_at_fal(emu)
     assert err.request_id == rid and rid in str(err) and f"{TIMEOUT:g} s" in str(err)
-    assert_nothing_left(before, emu._server.server_address[1])
+    assert_nothing_left(before, urlsplit(emu.url).port)
 
 
 def test_sync_timeout_cancels_the_job_and_leaves_nothing_behind(emu):
@@ -93,7 +94,7 @@ def test_sync_timeout_cancels_the_job_and_leaves_nothing_behind(emu):
     assert TIMEOUT <= time.perf_counter() - t0 < TIMEOUT + MARGIN
     assert_cancelled_at_fal(emu)
     chat.close()
-    assert_nothing_left(before, emu._server.server_address[1])
+    assert_nothing_left(before, urlsplit(emu.url).port)
 
 
 @pytest.mark.parametrize("kind", ["langchain", "llama_index"])
@@ -120,7 +121,7 @@ def test_task_cancellation_cancels_the_job_and_leaves_nothing_behind(emu, kind):
     took = asyncio.run(scenario())
     assert took < MARGIN  # the cancel PUT is sent before CancelledError reaches us
     assert_cancelled_at_fal(emu)
-    assert_nothing_left(before, emu._server.server_address[1])
+    assert_nothing_left(before, urlsplit(emu.url).port)
 
 
 def test_timeout_while_queued_behind_other_jobs(emu):
