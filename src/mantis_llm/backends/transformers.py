@@ -147,7 +147,12 @@ class TransformersBackend(Backend):
     images before the processor. Requests queued within ``batch_wait`` seconds of each other
     share a batch of up to ``max_batch_size``. ``max_context`` overrides the model's context
     length and ``default_max_tokens`` is used when a request sets no ``max_tokens`` (clamped
-    to what the context leaves). ``model_kwargs`` go to ``from_pretrained``.
+    to what the context leaves). ``model_kwargs`` go to ``from_pretrained`` and
+    ``generate_kwargs`` to every ``model.generate`` call (e.g. ``cache_implementation="static"``,
+    ``repetition_penalty``); the request's own settings take precedence.
+
+    Decoding is greedy unless a request sets ``temperature > 0`` (then ``top_p`` applies too);
+    a request's ``seed`` makes sampling reproducible without touching the global RNG.
 
     Loading is lazy (first request, or :meth:`load`) and thread-safe; :meth:`close` frees the
     model (a later request loads it again).
@@ -172,6 +177,7 @@ class TransformersBackend(Backend):
         max_context: int | None = None,
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         model_kwargs: dict[str, Any] | None = None,
+        generate_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if device is not None and device_map is not None:
             raise ConfigurationError("pass either device or device_map, not both")
@@ -201,6 +207,7 @@ class TransformersBackend(Backend):
         self.max_context = max_context
         self.default_max_tokens = default_max_tokens
         self.model_kwargs = dict(model_kwargs or {})
+        self.generate_kwargs = dict(generate_kwargs or {})
 
         self._state: _Loaded | None = None
         self._load_lock = threading.Lock()
@@ -641,11 +648,12 @@ class TransformersBackend(Backend):
 
         first = jobs[0]
         tracker = _RowTracker(self, jobs, len(jobs))
-        gen_kwargs: dict[str, Any] = dict(
+        gen_kwargs: dict[str, Any] = dict(self.generate_kwargs)
+        gen_kwargs.update(
             max_new_tokens=max(j.max_new for j in jobs),
             pad_token_id=st.pad_id,
             eos_token_id=sorted(st.eos_ids) or None,
-            stopping_criteria=st.stopping_list([tracker]),
+            stopping_criteria=st.stopping_list([*self.generate_kwargs.get("stopping_criteria", ()), tracker]),
         )
         if first.do_sample:
             gen_kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p or 1.0, top_k=0)
