@@ -235,11 +235,28 @@ def test_failed_job_is_a_backend_error_with_its_type(emu, make, mode):
     assert emu.cancelled == []  # a finished job is not cancelled
 
 
-def test_server_error_on_result_is_not_retried(emu, make):
+def test_result_5xx_is_retried_after_a_clean_completion_only(emu, make):
+    # The job completed without error: a 500 or a dropped connection on the (idempotent)
+    # result GET is retried, and the job is neither resubmitted nor cancelled.
+    b = make()
+    emu.inject("500", route="result")
+    emu.inject("drop", route="result")
+    r = b.generate(req())
+    assert r.text == expected(emu) and r.metrics["retries"] == 2
+    assert routes(emu).count("result") == 3 and len(emu.submissions) == 1 and emu.cancelled == []
+    # The job completed with an error: the result's error body is its failure, read once.
+    emu.script([JobError(500, "CUDA out of memory", "runner_server_error")])
+    with pytest.raises(errors.BackendError, match="CUDA out of memory") as ei:
+        b.generate(req("second"))
+    assert ei.value.status_code == 500 and ei.value.request_id == emu.submissions[-1].request_id
+    assert routes(emu).count("result") == 4
+    # ... and an injected 500 in its place is not retried either.
+    emu.script([JobError(500, "CUDA out of memory", "runner_server_error")])
     emu.inject("500", route="result")
     with pytest.raises(errors.BackendError) as ei:
-        make().generate(req())
-    assert ei.value.status_code == 500 and routes(emu).count("result") == 1
+        b.generate(req("third"))
+    assert ei.value.status_code == 500 and routes(emu).count("result") == 5
+    assert len(emu.submissions) == 3
 
 
 def test_rate_limit_after_retries(emu, make):

@@ -99,6 +99,14 @@ def test_retry_after_seconds_and_http_date():
         ("read", 409, {}, True),
         ("read", 422, {}, False),
         ("status", 500, {"x-fal-request-id": "r"}, True),
+        # the result of a job that completed without error: fal's 5xx are retried
+        ("result", 500, {"x-fal-request-id": "r"}, True),
+        ("result", 502, {"x-fal-request-id": "r"}, True),
+        ("result", 503, {"x-fal-request-id": "r"}, True),
+        ("result", 504, {}, True),
+        ("result", 504, {"x-fal-request-timeout-type": "user"}, False),
+        ("result", 501, {}, False),
+        ("result", 422, {}, False),
         ("cancel", 429, {}, False),
     ],
 )
@@ -115,6 +123,7 @@ def test_retry_decisions_for_transport_errors():
     assert not proto.should_retry_exception("post", httpx.RemoteProtocolError("gone", request=req))
     assert proto.should_retry_exception("read", httpx.ReadTimeout("t", request=req))
     assert proto.should_retry_exception("read", httpx.RemoteProtocolError("gone", request=req))
+    assert proto.should_retry_exception("result", httpx.RemoteProtocolError("gone", request=req))
     assert not proto.should_retry_exception("cancel", httpx.ConnectError("refused", request=req))
 
 

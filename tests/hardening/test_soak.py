@@ -80,12 +80,6 @@ def test_total_time_is_bounded(soak):
     assert res.quantile(0.95) < 5.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: FalBackend does not retry a 5xx on the result GET even when the job's final status "
-    "said COMPLETED without an error (an idempotent read); tests/fal asserts the current behaviour. "
-    "Remove this mark if that changes.",
-)
 def test_result_500_after_a_clean_completion_is_retried(emu):
     emu.inject("500", route="result")
     chat = ChatMantis()

@@ -240,7 +240,9 @@ def is_ingress_error(resp: httpx.Response) -> bool:
 
 # Step kinds and what may be retried for them. "post" steps (submit, sync run, token
 # stream) create a billable job, so they are retried only when the answer proves the job
-# was not created; "read" steps (status, result, token, upload) are idempotent.
+# was not created; "read" steps (status, token, upload, the result of a failed job) are
+# idempotent; "result" is the result GET of a job whose status said COMPLETED without an
+# error, so a 5xx there is fal's trouble fetching a good answer, not the job's.
 def should_retry_response(kind: str, resp: httpx.Response) -> bool:
     code = resp.status_code
     if code == 504 and resp.headers.get("x-fal-request-timeout-type"):
@@ -249,6 +251,8 @@ def should_retry_response(kind: str, resp: httpx.Response) -> bool:
         return code in (408, 429) or (code == 503 and is_ingress_error(resp))
     if kind == "status":  # fal's own 5xx on a status read never concern the job
         return code in (408, 409, 429) or code >= 500
+    if kind == "result":
+        return code in (408, 409, 429, 500, 502, 503, 504)
     if kind == "read":
         return code in (408, 409, 429) or is_ingress_error(resp)
     return False  # "cancel": best effort, one try
@@ -672,7 +676,10 @@ def queue_flow(call: Call, image_options: Any, client: Any = None) -> Flow:
     try:
         final = yield from wait_for_completion(call, job)
         job.done = True  # nothing left to cancel
-        result = yield from call.call("result", "read", lambda t: cfg.build("GET", job.response_url, timeout=t))
+        # After a clean completion the GET is retried through 5xx and dropped connections;
+        # after a completion with an error, the result's error body is the job's failure.
+        kind = "read" if final.get("error") else "result"
+        result = yield from call.call("result", kind, lambda t: cfg.build("GET", job.response_url, timeout=t))
     except GeneratorExit:
         raise
     except BaseException as exc:

@@ -92,8 +92,9 @@ class FalBackend(Backend):
             ``FAL_QUEUE_URL``, ``FAL_RUN_URL``, ``FAL_REST_URL``, ``FAL_CDN_URL``; else fal's.
         timeout: seconds for the whole call (upload, queue, generation, result); default 600.
         max_retries: retries per HTTP step (default 5) for what is safe to retry: 408/409/429
-            (honouring ``Retry-After``), fal-ingress 502/503/504, connection errors on reads.
-            A submit is retried only when fal's answer proves no job was created.
+            (honouring ``Retry-After``), fal-ingress 502/503/504, connection errors on reads,
+            and 500/502/503/504 on the result of a job whose status said COMPLETED without an
+            error. A submit is retried only when fal's answer proves no job was created.
         client, async_client: your own httpx clients (used as they are, never closed here).
         upload_threshold: local images whose data URI is longer than this many bytes are
             uploaded to fal storage (once per content, for the backend's life) and sent by URL.
