@@ -78,13 +78,17 @@ class ImageOptions:
         for name in ("max_bytes", "max_pixels", "max_redirects"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "max_redirects" else 1):
-                raise ConfigurationError(f"ImageOptions.{name} must be a positive integer, not {v!r}")
+                what = "a non-negative" if name == "max_redirects" else "a positive"
+                raise ConfigurationError(f"ImageOptions.{name} must be {what} integer, not {v!r}")
         if self.short_side is not None and (
             isinstance(self.short_side, bool) or not isinstance(self.short_side, int) or self.short_side < 1
         ):
             raise ConfigurationError(f"ImageOptions.short_side must be a positive integer or None, not {self.short_side!r}")
-        if not isinstance(self.fetch_timeout, (int, float)) or self.fetch_timeout <= 0:
-            raise ConfigurationError(f"ImageOptions.fetch_timeout must be a positive number, not {self.fetch_timeout!r}")
+        t = self.fetch_timeout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+            raise ConfigurationError(f"ImageOptions.fetch_timeout must be a positive number, not {t!r}")
+        if not isinstance(self.fetch_remote, bool):
+            raise ConfigurationError(f"ImageOptions.fetch_remote must be True or False, not {self.fetch_remote!r}")
 
 
 DEFAULT_OPTIONS = ImageOptions()

@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from mantis_llm import Conversation, FalBackend, GenerationParams, Image, Request, Turn, errors
 from mantis_llm.emulator import FORBIDDEN_KEY, HANG, FalEmulator, Faults, JobError, expected_output
@@ -493,6 +494,52 @@ def test_missing_key_and_bad_options(monkeypatch):
         FalBackend(api_key="k", queue_url="ftp://x")
     b = FalBackend(api_key="k", image_short_side=336)
     assert b.image_options.short_side == 336 and b.queue_url == "https://queue.fal.run"
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("api_key", 12345), ("api_key", b"key:secret"), ("api_key", ""), ("api_key", SecretStr("  ")),
+        ("queue_url", 8080), ("run_url", b"https://fal.run"), ("rest_url", ["https://rest.fal.ai"]),
+        ("cdn_url", 1.5), ("timeout", "30"), ("timeout", True), ("timeout", 0), ("timeout", float("inf")),
+        ("timeout", float("nan")), ("max_retries", 2.0), ("max_retries", True), ("extra_input", [("seed", 1)]),
+        ("extra_input", {1: "x"}), ("upload_threshold", "1MB"), ("upload_threshold", 0),
+        ("upload_threshold", False), ("max_concurrency", 0), ("max_concurrency", 4.0), ("max_concurrency", True),
+        ("image_options", {"short_side": 336}), ("client", httpx.AsyncClient), ("async_client", "client"),
+        ("with_logs", "yes"), ("with_logs", 1), ("mode", ["queue"]),
+    ],
+)
+def test_wrongly_typed_options_name_the_parameter(name, value):
+    kw = {"api_key": "key-value-123", name: value}
+    if name == "client":
+        kw[name] = value()  # an AsyncClient where a Client belongs
+    with pytest.raises(errors.ConfigurationError) as ei:
+        FalBackend(**kw)
+    assert str(ei.value).startswith(name)
+    assert "key-value-123" not in str(ei.value) and "secret" not in str(ei.value)
+
+
+def test_image_options_fetch_remote_must_be_a_bool():
+    with pytest.raises(errors.ConfigurationError, match="ImageOptions.fetch_remote"):
+        ImageOptions(fetch_remote="x")
+    with pytest.raises(errors.ConfigurationError, match="ImageOptions.fetch_timeout"):
+        ImageOptions(fetch_timeout=True)
+    assert ImageOptions(fetch_remote=True).fetch_remote is True
+
+
+@pytest.mark.parametrize("bad", ["What is in the picture?", {"prompt": "hi"}, None])
+async def test_anything_but_a_request_is_an_invalid_request_error(emu, make, bad):
+    b = make()
+    calls = [lambda: b.generate(bad), lambda: list(b.stream(bad)), lambda: b.generate_batch([req(), bad])]
+    for call in calls:
+        with pytest.raises(errors.InvalidRequestError, match=r"expects a mantis_llm\.types\.Request"):
+            call()
+    with pytest.raises(errors.InvalidRequestError, match="mantis_llm.types.Request"):
+        await b.agenerate(bad)
+    with pytest.raises(errors.InvalidRequestError, match="mantis_llm.types.Request"):
+        async for _ in b.astream(bad):
+            pass
+    assert emu.submissions[:1] and all(s.payload["prompt"] for s in emu.submissions)  # good ones ran
 
 
 def test_caller_clients_are_used_and_left_open(emu, make):

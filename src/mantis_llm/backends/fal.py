@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import os
 import ssl
 import threading
@@ -22,7 +23,7 @@ from typing import Any, AsyncIterator, ClassVar, Iterator, Literal, Sequence
 import httpx
 from pydantic import SecretStr
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, InvalidRequestError
 from ..images import ImageOptions
 from ..types import Chunk, Request, Response
 from . import _fal_protocol as proto
@@ -45,24 +46,52 @@ def _ssl_context() -> ssl.SSLContext:
 
 
 def _resolve_key(api_key: "str | SecretStr | None") -> SecretStr:
-    if isinstance(api_key, SecretStr):
-        api_key = api_key.get_secret_value()
-    if not api_key:
-        api_key = os.environ.get("FAL_KEY")
+    if api_key is not None:  # given: must be a usable key (never quoted in errors)
+        if isinstance(api_key, SecretStr):
+            api_key = api_key.get_secret_value()
+        if not isinstance(api_key, str):
+            raise ConfigurationError(f"api_key must be a str or SecretStr, not {type(api_key).__name__}")
+        if not api_key.strip():
+            raise ConfigurationError("api_key is empty: pass the fal key, or leave api_key unset to use FAL_KEY")
+        return SecretStr(api_key.strip())
+    api_key = os.environ.get("FAL_KEY", "").strip()
     if not api_key and os.environ.get("FAL_KEY_ID") and os.environ.get("FAL_KEY_SECRET"):
-        api_key = f"{os.environ['FAL_KEY_ID']}:{os.environ['FAL_KEY_SECRET']}"
+        api_key = f"{os.environ['FAL_KEY_ID']}:{os.environ['FAL_KEY_SECRET']}".strip()
     if not api_key:
         raise ConfigurationError(
             "no fal API key: `export FAL_KEY=...` (or FAL_KEY_ID and FAL_KEY_SECRET), or pass api_key="
         )
-    return SecretStr(api_key.strip())
+    return SecretStr(api_key)
 
 
 def _url(value: str | None, env: str, default: str) -> str:
+    name = env.lower().removeprefix("fal_")
+    if value is not None and not isinstance(value, str):
+        raise ConfigurationError(f"{name} must be a str URL, not {type(value).__name__}")
     url = (value or os.environ.get(env) or default).strip().rstrip("/")
     if not url.startswith(("http://", "https://")):
-        raise ConfigurationError(f"{env.lower().removeprefix('fal_')} {url!r} must be an http(s) URL")
+        raise ConfigurationError(f"{name} {url!r} must be an http(s) URL")
     return url
+
+
+def _check(ok: bool, name: str, what: str, value: Any) -> None:
+    """ConfigurationError naming the constructor argument unless ``ok``."""
+    if not ok:
+        raise ConfigurationError(f"{name} must be {what}, not {value!r}")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _require_request(request: Any) -> Request:
+    """The one check every entry point makes before touching ``request``."""
+    if not isinstance(request, Request):
+        raise InvalidRequestError(
+            f"FalBackend expects a mantis_llm.types.Request, not {type(request).__name__} "
+            "(build one with Request(Conversation.from_prompt(text, images)))"
+        )
+    return request
 
 
 class FalBackend(Backend):
@@ -85,7 +114,7 @@ class FalBackend(Backend):
 
     Args:
         endpoint: fal endpoint id.
-        api_key: fal key (``str`` or ``SecretStr``); else ``FAL_KEY``, else
+        api_key: fal key (``str`` or ``SecretStr``, not empty); if None, ``FAL_KEY``, else
             ``FAL_KEY_ID:FAL_KEY_SECRET``. Kept as a ``SecretStr``, sent only to the
             queue/run/REST hosts below.
         queue_url, run_url, rest_url, cdn_url: base URLs; else the env vars
@@ -141,14 +170,24 @@ class FalBackend(Backend):
         extra_input: dict[str, Any] | None = None,
         max_concurrency: int = 16,
     ) -> None:
-        if mode not in proto.FLOWS:
-            raise ConfigurationError(f"mode must be one of {tuple(proto.FLOWS)}, not {mode!r}")
+        _check(isinstance(mode, str) and mode in proto.FLOWS, "mode", f"one of {tuple(proto.FLOWS)}", mode)
         if not isinstance(endpoint, str) or endpoint.strip("/").count("/") < 1:
             raise ConfigurationError(f"fal endpoint id {endpoint!r} must look like 'owner/app'")
-        if timeout is not None and not timeout > 0:
-            raise ConfigurationError(f"timeout must be a positive number of seconds, not {timeout!r}")
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise ConfigurationError(f"max_retries must be a non-negative integer, not {max_retries!r}")
+        _check(timeout is None or (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+                                   and 0 < timeout < math.inf),
+               "timeout", "a positive number of seconds", timeout)
+        _check(isinstance(max_retries, int) and not isinstance(max_retries, bool) and max_retries >= 0,
+               "max_retries", "a non-negative integer", max_retries)
+        _check(_positive_int(upload_threshold), "upload_threshold", "a positive integer (bytes)", upload_threshold)
+        _check(_positive_int(max_concurrency), "max_concurrency", "a positive integer", max_concurrency)
+        _check(isinstance(with_logs, bool), "with_logs", "True or False", with_logs)
+        _check(extra_input is None or (isinstance(extra_input, dict) and all(isinstance(k, str) for k in extra_input)),
+               "extra_input", "a dict with str keys", extra_input)
+        _check(image_options is None or isinstance(image_options, ImageOptions),
+               "image_options", "a mantis_llm.images.ImageOptions or None", image_options)
+        _check(client is None or isinstance(client, httpx.Client), "client", "an httpx.Client or None", client)
+        _check(async_client is None or isinstance(async_client, httpx.AsyncClient),
+               "async_client", "an httpx.AsyncClient or None", async_client)
         options = image_options or ImageOptions()
         if image_short_side is not _UNSET:
             options = replace(options, short_side=image_short_side)
@@ -269,7 +308,7 @@ class FalBackend(Backend):
     # ------------------------------------------------------------------ drivers
 
     def _call(self, request: Request, on_update: OnUpdate | None, mode: str | None = None):
-        call = proto.Call(self._config, self._state, request, on_update=on_update)
+        call = proto.Call(self._config, self._state, _require_request(request), on_update=on_update)
         call.metrics["mode"] = mode or self.mode
         # Only with fetch_remote do we download images (from their own hosts, without our key).
         fetcher = self._sync_client() if self.image_options.fetch_remote else None
