@@ -140,6 +140,7 @@ class Faults:
 
     error_500: float = 0.0
     error_503: float = 0.0  # ingress 503: no x-fal-request-id, nginx HTML body
+    # 500 and 429 on a job's routes carry that job's x-fal-request-id (a 500 elsewhere: a new id)
     error_429: float = 0.0
     drop: float = 0.0  # close the connection without a response
     drop_after_accept: float = 0.0  # submit only: accept the job, then drop the connection
@@ -734,13 +735,17 @@ class FalEmulator:
             raise _Dropped
         if kind == "503":
             return self._send(h, rec, 503, NGINX_503, content_type="text/html")
+        # fal's own errors on a job's routes (status, stream, result, cancel) name that job;
+        # elsewhere a 500 carries a fresh id, as from a request fal never turned into a job.
+        job_rid = {"x-fal-request-id": args["rid"]} if "rid" in args else {}
         if kind == "429":
             ra = self._faults.retry_after
             return self._send(h, rec, 429, {"detail": "Too many requests: concurrency limit exceeded"},
-                              headers={"Retry-After": f"{ra:g}"})
+                              headers={"Retry-After": f"{ra:g}", **job_rid})
         if kind == "500":
             return self._send(h, rec, 500, {"detail": "Internal Server Error", "error_type": "internal_error"},
-                              headers={"x-fal-request-id": str(uuid.uuid4()), "X-Fal-Error-Type": "internal_error"})
+                              headers={"x-fal-request-id": str(uuid.uuid4()), "X-Fal-Error-Type": "internal_error",
+                                       **job_rid})
         if route is None:
             return self._send(h, rec, 404, {"detail": f"Not found: {h.command} {rec.path}"})
         if route == "file":

@@ -13,6 +13,7 @@ import time
 import httpx
 import pytest
 
+from mantis_llm import errors
 from mantis_llm.emulator import (
     DEFAULT_APPS,
     FORBIDDEN_KEY,
@@ -25,6 +26,7 @@ from mantis_llm.emulator import (
 )
 
 APP = DEFAULT_APPS[0]
+URL_NAMES = ("queue_url", "run_url", "rest_url", "cdn_url")
 
 
 @pytest.fixture
@@ -406,6 +408,29 @@ def test_ingress_503_429_500_shapes(emu, client, payload):
     assert len(emu.submissions) == 1  # faulted submits created no job
     assert [q.fault for q in emu.requests] == ["503", "429", None, "500", None]
     assert [q.status for q in emu.requests][:2] == [503, 429]
+
+
+@pytest.mark.parametrize("route", ["status", "stream", "result", "cancel"])
+@pytest.mark.parametrize("kind", ["500", "429"])
+def test_injected_errors_on_a_job_route_carry_that_jobs_id(emu, client, payload, route, kind):
+    sub = client.post(f"{emu.url}/{APP}", json=payload).json()
+    url = {"status": sub["status_url"], "stream": sub["status_url"] + "/stream", "result": sub["response_url"],
+           "cancel": sub["cancel_url"]}[route]
+    emu.inject(kind, route=route)
+    r = client.request("PUT" if route == "cancel" else "GET", url)
+    assert r.status_code == int(kind) and r.headers["x-fal-request-id"] == sub["request_id"]
+    emu.inject("503", route=route)  # ingress: never names a job
+    assert "x-fal-request-id" not in client.request("PUT" if route == "cancel" else "GET", url).headers
+
+
+def test_injected_500_reaches_the_caller_with_the_jobs_id(emu):
+    from mantis_llm import Conversation, FalBackend, Request
+
+    emu.inject("500", count=10, route="result")
+    with FalBackend(api_key=emu.key, max_retries=1, **{n: getattr(emu, n) for n in URL_NAMES}) as b:
+        with pytest.raises(errors.BackendError) as ei:
+            b.generate(Request(Conversation.from_prompt("hi", ["https://example.com/a.png"])))
+    assert ei.value.status_code == 500 and ei.value.request_id == emu.submissions[0].request_id
 
 
 def test_dropped_connection_and_drop_after_accept(emu, client, payload):
