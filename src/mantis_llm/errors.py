@@ -50,6 +50,28 @@ class ConfigurationError(MantisError):
     """The client is misconfigured: missing key, missing optional extra, bad option."""
 
 
+def from_validation_error(exc: Any, title: str | None = None) -> ConfigurationError:
+    """A :class:`ConfigurationError` for a pydantic ``ValidationError`` (e.g. from an adapter
+    constructor): the message names every offending field (with list indexes) and pydantic's
+    reason, ``"ChatMantis: temperature: Input should be less than or equal to 2"``; input
+    values are left out (one may be a key). ``title`` (default ``exc.title``) starts the
+    message; pass the class name from a wrap validator, where ``exc.title`` is pydantic's
+    internal name. ``detail`` holds the ``loc``/``msg``/``type`` dicts.
+    """
+    errors = [
+        {"loc": e["loc"], "msg": e["msg"], "type": e["type"]}
+        for e in exc.errors(include_url=False, include_input=False)
+    ]
+    reasons = []
+    for e in errors:
+        loc = e["loc"]  # a field, then list indexes and union-branch tags (left out)
+        path = "".join([str(loc[0]), *(f"[{p}]" for p in loc[1:] if isinstance(p, int))]) if loc else ""
+        reason = f"{path}: {e['msg']}" if path else e["msg"]
+        if reason not in reasons:
+            reasons.append(reason)
+    return ConfigurationError(f"{title or exc.title}: {'; '.join(reasons)}", detail=errors)
+
+
 class InvalidRequestError(MantisError, ValueError):
     """The request itself is wrong (bad message, bad parameter, rejected by fal with 4xx/422)."""
 

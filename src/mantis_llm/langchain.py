@@ -85,10 +85,10 @@ from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.utils import secret_from_env
 from langchain_core.utils.function_calling import convert_to_json_schema
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, model_validator
+from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, ValidationError, model_validator
 
 from .backends import DEFAULT_FAL_ENDPOINT, DEFAULT_LOCAL_MODEL, Backend, resolve_backend
-from .errors import ConfigurationError, ImageError, InvalidRequestError
+from .errors import ConfigurationError, ImageError, InvalidRequestError, from_validation_error
 from .types import Conversation, GenerationParams, Image, Request, Response, Turn, Update
 
 QUEUE_UPDATE_EVENT = "mantis_queue_update"
@@ -317,7 +317,10 @@ class ChatMantis(BaseChatModel):
             position, logs), on every path; not serialized.
 
     The backend is built on first use and reused (its connection pool or loaded weights);
-    :meth:`close` / :meth:`aclose` release it.
+    :meth:`close` / :meth:`aclose` release it. A bad constructor value raises
+    :class:`~mantis_llm.errors.ConfigurationError` naming each field (``"ChatMantis:
+    temperature: Input should be less than or equal to 2"``); a bad per-call value,
+    :class:`~mantis_llm.errors.InvalidRequestError`.
     """
 
     model: str = Field(
@@ -345,6 +348,16 @@ class ChatMantis(BaseChatModel):
 
     _slot: _BackendSlot = PrivateAttr(default_factory=_BackendSlot)
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _typed_errors(cls, data: Any, handler: Any) -> "ChatMantis":
+        # pydantic's ValidationError (a ValueError) becomes our ConfigurationError; it is not
+        # a ValueError, so pydantic passes it through (also from the "after" check below).
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            raise from_validation_error(exc, cls.__name__) from None
+
     @model_validator(mode="after")
     def _default_model_for_backend(self) -> "ChatMantis":
         if "model" not in self.model_fields_set:
@@ -355,8 +368,12 @@ class ChatMantis(BaseChatModel):
         clash = sorted(set(self.backend_options) & set(_BUILT_BY_FIELDS))
         if clash:
             raise ConfigurationError(
-                f"backend_options may not set {clash}: use the ChatMantis fields instead"
+                f"ChatMantis: backend_options may not set {clash}: use the ChatMantis fields instead"
             )
+        try:
+            self._params(None)  # e.g. an empty stop string, caught here rather than per call
+        except InvalidRequestError as exc:
+            raise ConfigurationError(f"ChatMantis: {exc.message}") from None
         return self
 
     # -- LangChain metadata -------------------------------------------------------------
@@ -451,8 +468,19 @@ class ChatMantis(BaseChatModel):
     # -- requests and responses ---------------------------------------------------------
 
     def _merge_stop(self, stop: Optional[Sequence[str]]) -> Optional[builtins.list[str]]:
+        if isinstance(stop, str):  # stop="END" is one sequence, not three letters
+            stop = [stop]
         merged = builtins.list(builtins.dict.fromkeys([*(self.stop or ()), *(stop or ())]))
         return merged or None
+
+    def _params(self, stop: Optional[Sequence[str]], **overrides: Any) -> GenerationParams:
+        return GenerationParams(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=tuple(self._merge_stop(stop) or ()),
+        ).merged(**overrides)
 
     def _request(
         self, messages: builtins.list[BaseMessage], stop: Optional[builtins.list[str]], kwargs: builtins.dict[str, Any]
@@ -468,13 +496,7 @@ class ChatMantis(BaseChatModel):
         overrides = {k: kwargs.pop(k) for k in _CALL_PARAMS if k in kwargs}
         if kwargs:
             raise InvalidRequestError(f"unsupported call arguments for ChatMantis: {sorted(kwargs)}")
-        params = GenerationParams(
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            seed=self.seed,
-            stop=tuple(self._merge_stop(stop) or ()),
-        ).merged(**overrides)
+        params = self._params(stop, **overrides)
         conversation = messages_to_conversation(messages)
         if response_format is not None:
             self._add_json_instruction(conversation, response_format)

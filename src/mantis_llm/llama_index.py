@@ -66,8 +66,10 @@ from llama_index.core.bridge.pydantic import (
     Field,
     PrivateAttr,
     SecretStr,
+    ValidationError,
     field_serializer,
     field_validator,
+    model_validator,
 )
 from llama_index.core.constants import DEFAULT_NUM_OUTPUTS
 from llama_index.core.instrumentation import get_dispatcher
@@ -78,7 +80,7 @@ from llama_index.core.multi_modal_llms import MultiModalLLM, MultiModalLLMMetada
 from llama_index.core.schema import ImageDocument, ImageNode
 
 from .backends import BACKEND_NAMES, DEFAULT_FAL_ENDPOINT, DEFAULT_LOCAL_MODEL, Backend, resolve_backend
-from .errors import ConfigurationError, ImageError, InvalidRequestError
+from .errors import ConfigurationError, ImageError, InvalidRequestError, from_validation_error
 from .types import Conversation, GenerationParams, Image, Part, Request, Response, Turn, Update
 
 logger = logging.getLogger(__name__)
@@ -185,6 +187,8 @@ def prompt_messages(
     prompt: str, image_documents: Optional[Sequence[ImageInput]] = None
 ) -> List[ChatMessage]:
     """The one user message a ``complete(prompt, image_documents)`` call stands for: images, then text."""
+    if not isinstance(prompt, str):
+        raise InvalidRequestError(f"prompt must be a str, not {type(prompt).__name__}")
     blocks: List[Any] = [
         to_image_block(doc, f"image_documents[{i}]") for i, doc in enumerate(image_documents or ())
     ]
@@ -267,18 +271,21 @@ class _MantisBase(BaseModel):
         repr=False,
         description="fal key; defaults to the FAL_KEY (or FAL_KEY_ID + FAL_KEY_SECRET) environment variables.",
     )
-    max_tokens: Optional[int] = Field(default=None, description="Maximum number of tokens to generate.")
-    temperature: Optional[float] = Field(default=None, description="Sampling temperature (None: greedy).")
-    top_p: Optional[float] = Field(default=None, description="Nucleus sampling probability.")
+    max_tokens: Optional[int] = Field(default=None, ge=1, description="Maximum number of tokens to generate.")
+    temperature: Optional[float] = Field(
+        default=None, ge=0, le=2, description="Sampling temperature (None: greedy)."
+    )
+    top_p: Optional[float] = Field(default=None, gt=0, le=1, description="Nucleus sampling probability.")
     stop: Optional[List[str]] = Field(default=None, description="Stop sequences.")
     seed: Optional[int] = Field(default=None, description="Random seed.")
-    timeout: Optional[float] = Field(default=None, description="Seconds per call (fal).")
-    max_retries: Optional[int] = Field(default=None, description="Retries on transient errors (fal).")
+    timeout: Optional[float] = Field(default=None, gt=0, description="Seconds per call (fal).")
+    max_retries: Optional[int] = Field(default=None, ge=0, description="Retries on transient errors (fal).")
     backend_options: Dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword arguments for the backend constructor."
     )
     context_window: int = Field(
         default=4096,
+        ge=1,
         description=(
             "Context window reported to LlamaIndex. Mantis uses 576 tokens per image, but LlamaIndex "
             "budgets about 2125 per image, so raise this to pack several images into one call."
@@ -292,11 +299,25 @@ class _MantisBase(BaseModel):
 
     def __init__(self, **data: Any) -> None:
         super().__init__(**data)
+        name = type(self).__name__
         if isinstance(self.backend, str) and self.backend not in (*BACKEND_NAMES, "transformers"):
             raise ConfigurationError(
-                f"unknown backend {self.backend!r}: expected one of {BACKEND_NAMES} or a Backend instance"
+                f"{name}: unknown backend {self.backend!r}: expected one of {BACKEND_NAMES} or a Backend instance"
             )
-        self._default_params()  # bad sampling values fail here, as InvalidRequestError
+        try:
+            self._default_params()  # e.g. an empty stop string
+        except InvalidRequestError as exc:
+            raise ConfigurationError(f"{name}: {exc.message}") from None
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _typed_errors(cls, data: Any, handler: Any) -> Any:
+        # pydantic's ValidationError (a ValueError) becomes our ConfigurationError, which
+        # pydantic passes through unwrapped.
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            raise from_validation_error(exc, cls.__name__) from None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -447,6 +468,10 @@ class Mantis(_MantisBase, LLM):
     ``complete(prompt, image_documents=[...])`` also takes ``ImageBlock``s, ``ImageNode``s and
     ``ImageDocument``s (placed before the prompt). ``backend="local"`` runs the model in-process
     with transformers (``model`` is then a Hugging Face id or a local path).
+
+    A bad constructor value raises :class:`~mantis_llm.errors.ConfigurationError` naming each
+    field (``"Mantis: top_p: Input should be greater than 0"``); a bad per-call value,
+    :class:`~mantis_llm.errors.InvalidRequestError`.
     """
 
     @classmethod

@@ -18,6 +18,7 @@ from langchain_core.load import dumpd, dumps, load
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import ConfigurableField
 from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
 
@@ -179,6 +180,15 @@ def test_generation_parameters_and_merged_stop(emu, b64):
     with pytest.raises(InvalidRequestError, match="per-call model override"):
         chat.invoke([msg], model="fal-ai/other")
     assert len(emu.submissions) == 2  # the bad calls never reached fal
+
+
+def test_call_time_stop_string_is_one_sequence(emu):
+    emu.script(["Done? Now the END, no more"])
+    chat = ChatMantis()
+    msg = looks_at("go", {"type": "image", "url": URL_A})
+    assert chat._get_ls_params(stop="END")["ls_stop"] == ["END"]  # not ["E", "N", "D"]
+    assert chat.invoke([msg], stop="END").content == "Done? Now the "
+    chat.close()
 
 
 # ------------------------------------------------------------------ async and streaming
@@ -483,6 +493,52 @@ def test_key_never_in_repr_serialization(emu, monkeypatch):
     # a third-party class must be allowed explicitly (allowed_objects="all" means langchain's own)
     restored = load(dumpd(chat), valid_namespaces=["mantis_llm"], secrets_from_env=True, allowed_objects=[ChatMantis])
     assert isinstance(restored, ChatMantis) and restored.api_key.get_secret_value() == "from-env"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": 5}, "temperature: Input should be less than or equal to 2"),
+        ({"top_p": 0, "max_tokens": "many"}, "max_tokens: Input should be a valid integer, unable to "
+         "parse string as an integer; top_p: Input should be greater than 0"),
+        ({"stop": ["ok", 3]}, "stop[1]: Input should be a valid string"),
+        ({"backend": "gpu"}, "backend: Input should be 'fal' or 'local'; backend: Input should be an instance of Backend"),
+        ({"model_name": 7}, "model_name: Input should be a valid string"),
+        ({"timeout": 0, "max_retries": -1}, "timeout: Input should be greater than 0; "
+         "max_retries: Input should be greater than or equal to 0"),
+        ({"stop": [""]}, "stop=('',) is invalid: every stop sequence must be a non-empty string"),
+        ({"backend_options": {"api_key": "k"}}, "backend_options may not set ['api_key']"),
+    ],
+)  # fmt: skip
+def test_constructor_errors_are_configuration_errors_naming_each_field(kwargs, message):
+    with pytest.raises(ConfigurationError) as info:
+        ChatMantis(**kwargs)
+    assert str(info.value).startswith(f"ChatMantis: {message}")
+    err = info.value  # and no pydantic traceback shown under it
+    assert err.__cause__ is None and (err.__suppress_context__ or err.__context__ is None)
+
+
+def test_constructor_error_never_shows_the_key():
+    with pytest.raises(ConfigurationError) as info:
+        ChatMantis(api_key=["sk-very-secret"])
+    assert str(info.value) == "ChatMantis: api_key: Input should be a valid string"
+    assert "sk-very-secret" not in repr(info.value.detail)
+    assert info.value.detail == [{"loc": ("api_key",), "msg": "Input should be a valid string", "type": "string_type"}]
+
+
+def test_copies_bindings_and_configurable_fields_still_work(emu):
+    chat = ChatMantis(temperature=0.5)
+    msg = [looks_at("x", {"type": "image", "url": URL_A})]
+    assert chat.model_copy(update={"temperature": 0.1}).temperature == 0.1
+    chat.bind(max_tokens=3).with_config(tags=["t"]).invoke(msg)
+    assert (last_payload(emu)["temperature"], last_payload(emu)["max_tokens"]) == (0.5, 3)
+    configurable = chat.configurable_fields(temperature=ConfigurableField(id="temp"))
+    configurable.with_config(configurable={"temp": 0.2}).invoke(msg)  # builds a new ChatMantis
+    assert last_payload(emu)["temperature"] == 0.2
+    with pytest.raises(ConfigurationError, match="ChatMantis: temperature: Input should be less than or equal to 2"):
+        configurable.with_config(configurable={"temp": 9}).invoke(msg)
+    assert len(emu.submissions) == 2
+    chat.close()
 
 
 def test_key_aliases_and_environment(monkeypatch):

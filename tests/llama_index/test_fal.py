@@ -82,13 +82,44 @@ def test_import_pulls_no_torch():
     assert out.split() == ["False", "False"]
 
 
-def test_constructor_errors_are_typed():
-    with pytest.raises(InvalidRequestError, match="temperature=5"):
-        Mantis(temperature=5)
-    with pytest.raises(InvalidRequestError, match="top_p"):
-        MantisMultiModal(top_p=0)
-    with pytest.raises(ConfigurationError, match="unknown backend 'openai'"):
-        Mantis(backend="openai")
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": 5}, "temperature: Input should be less than or equal to 2"),
+        ({"top_p": 0, "max_tokens": "many"}, "max_tokens: Input should be a valid integer, unable to "
+         "parse string as an integer; top_p: Input should be greater than 0"),
+        ({"stop": ["ok", 3]}, "stop[1]: Input should be a valid string"),
+        ({"timeout": -1, "context_window": 0}, "timeout: Input should be greater than 0; "
+         "context_window: Input should be greater than or equal to 1"),
+        ({"stop": [""]}, "stop=('',) is invalid: every stop sequence must be a non-empty string"),
+        ({"backend": "openai"}, "unknown backend 'openai'"),
+        ({"api_key": ["sk-very-secret"]}, "api_key: Input should be a valid string"),
+    ],
+)  # fmt: skip
+def test_constructor_errors_are_configuration_errors_naming_each_field(cls, kwargs, message):
+    with pytest.raises(ConfigurationError) as info:
+        cls(**kwargs)
+    err = info.value
+    assert str(err).startswith(f"{cls.__name__}: {message}")
+    assert "sk-very-secret" not in str(err) + repr(err.detail)
+    assert err.__cause__ is None and (err.__suppress_context__ or err.__context__ is None)  # no pydantic traceback
+
+
+def test_dict_round_trip_and_copies_still_validate(emu):
+    m = MantisMultiModal(temperature=0.3, stop="END", max_retries=0)
+    again = MantisMultiModal.from_dict(m.to_dict())
+    assert (again.temperature, again.stop, again.max_retries) == (0.3, ["END"], 0)
+    assert m.model_copy(update={"temperature": 0.1}).temperature == 0.1
+    with pytest.raises(ConfigurationError, match="MantisMultiModal: temperature: Input should be less than or equal to 2"):
+        MantisMultiModal.from_dict({**m.to_dict(), "temperature": 3})
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_complete_with_a_non_string_prompt_is_an_invalid_request(cls, emu):
+    with pytest.raises(InvalidRequestError, match="prompt must be a str, not int"):
+        cls().complete(5)
+    assert emu.submissions == []
 
 
 def test_missing_key_is_a_configuration_error(emu, monkeypatch, png_bytes):
