@@ -178,6 +178,12 @@ def test_batches_are_capped_and_grouped(tiny_clip, mixed_requests, make_image):
         assert [r.text for r in results[:6]] == [backend.generate(r).text for r in mixed_requests]
 
 
+def test_static_cache_option_gives_the_same_answers(tiny_clip, clip_backend, mixed_requests):
+    expected = [clip_backend.generate(r).text for r in mixed_requests]
+    with TransformersBackend(model=tiny_clip, generate_kwargs={"cache_implementation": "static"}) as backend:
+        assert [r.text for r in backend.generate_batch(mixed_requests)] == expected
+
+
 def test_concurrent_threads_are_batched_and_safe(clip_backend, mixed_requests):
     expected = [clip_backend.generate(r).text for r in mixed_requests]
     results: dict[int, object] = {}

@@ -144,8 +144,9 @@ class TransformersBackend(Backend):
     ``device`` (e.g. ``"cuda:0"``) or ``device_map`` (needs accelerate, e.g. ``"auto"``) place
     it; the default is CUDA when available, else CPU. ``dtype`` defaults to bfloat16 on CUDA
     and float32 on CPU. ``image_options`` (or just ``image_short_side``) limit and downsize
-    images before the processor. Requests queued within ``batch_wait`` seconds of each other
-    share a batch of up to ``max_batch_size``. ``max_context`` overrides the model's context
+    images before the processor. Concurrent requests share batches of up to
+    ``max_batch_size``: while other callers are still preparing theirs, the worker holds a
+    batch open up to ``batch_wait`` seconds (a lone caller never waits). ``max_context`` overrides the model's context
     length and ``default_max_tokens`` is used when a request sets no ``max_tokens`` (clamped
     to what the context leaves). ``model_kwargs`` go to ``from_pretrained`` and
     ``generate_kwargs`` to every ``model.generate`` call (e.g. ``cache_implementation="static"``,
@@ -173,7 +174,7 @@ class TransformersBackend(Backend):
         image_options: ImageOptions | None = None,
         image_short_side: int | None = None,
         max_batch_size: int = 8,
-        batch_wait: float = 0.02,
+        batch_wait: float = 0.05,
         max_context: int | None = None,
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         model_kwargs: dict[str, Any] | None = None,
@@ -415,6 +416,7 @@ class TransformersBackend(Backend):
         ``batch_wait``); on exit queue whatever job was put in the yielded list."""
         with self._cond:
             self._preparing += 1
+            self._cond.notify_all()
         made: list[_Job] = []
         try:
             yield made
@@ -591,8 +593,9 @@ class TransformersBackend(Backend):
     def _take_batch(self) -> list[_Job]:
         """Pop the oldest job and the compatible ones queued (or about to be) behind it.
 
-        Called with the condition held. Waits up to ``batch_wait`` only while some caller
-        is still preparing a request, so a lone caller never waits."""
+        Called with the condition held. Holds the batch open up to ``batch_wait`` while some
+        caller is still preparing a request, and for short gaps while concurrent callers keep
+        arriving; a lone caller never waits."""
         first = self._jobs.popleft()
         batch = [first]
         deadline = time.monotonic() + self.batch_wait
@@ -606,9 +609,12 @@ class TransformersBackend(Backend):
             skipped.extend(self._jobs)
             self._jobs = skipped
             remaining = deadline - time.monotonic()
-            if len(batch) >= self.max_batch_size or not self._preparing or self._stopping or remaining <= 0:
+            if len(batch) >= self.max_batch_size or self._stopping or remaining <= 0:
                 return batch
-            self._cond.wait(remaining)
+            if self._preparing:
+                self._cond.wait(remaining)
+            elif len(batch) == 1 or not self._cond.wait(min(remaining, self.batch_wait / 2)):
+                return batch
 
     def _run(self, batch: list[_Job]) -> None:
         jobs = [j for j in batch if j.future.set_running_or_notify_cancel()]
