@@ -110,8 +110,12 @@ class Image:
             elif self.kind == "pil":
                 buf = io.BytesIO()
                 img = self.source
-                fmt = "PNG" if img.mode not in ("CMYK",) else "JPEG"
-                img.save(buf, format=fmt)
+                try:
+                    if img.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I;16", "CMYK"):
+                        img = img.convert("RGB")  # modes PNG cannot hold: F, I, HSV, LAB, YCbCr
+                    img.save(buf, format="JPEG" if img.mode == "CMYK" else "PNG")
+                except (OSError, ValueError) as exc:  # e.g. a closed or truncated image
+                    raise ImageError(f"cannot encode the PIL image ({img.mode}): {exc}") from None
                 self._data = buf.getvalue()
             else:
                 raise ImageError(f"remote image {self.source!r} has not been fetched")
