@@ -24,7 +24,9 @@ every image form LangChain users send works: v1 blocks (``url`` / ``base64``), t
 ``source_type`` blocks, OpenAI ``image_url`` blocks (URL or data URI, dict or bare string) and
 Anthropic ``source`` blocks. Images may only be http(s) URLs, data URIs or base64 data: a
 ``url`` naming a local file is refused (a chat model must not read files named by message
-content). Roles:
+content). To send a file, bytes or a PIL image, build its block in your code with
+:func:`image_block` (``image_block("photos/b.png")``: base64 with the sniffed type; an http(s)
+URL stays a URL). Roles:
 
 - ``SystemMessage`` -> system, ``HumanMessage`` -> user, ``AIMessage`` -> assistant (text;
   its tool calls, made by another model earlier in a shared history, are written out as
@@ -52,6 +54,7 @@ a :class:`~mantis_llm.types.Update`) sees every report.
 from __future__ import annotations
 
 import asyncio
+import base64
 import builtins
 import json
 import threading
@@ -198,6 +201,34 @@ def _image(block: dict[str, Any], where: str) -> Image:
     )
 
 
+def image_block(source: Any, *, mime_type: Optional[str] = None) -> dict[str, Any]:
+    """A LangChain v1 standard image content block from any image source
+    :class:`~mantis_llm.types.Image` accepts.
+
+    An http(s) URL stays a URL, ``{"type": "image", "url": url}`` (nothing is downloaded);
+    a data URI, a path (``str`` or :class:`~pathlib.Path`), bytes, a PIL image or a binary
+    file object is read and inlined as ``{"type": "image", "base64": ..., "mime_type": ...}``
+    with the type sniffed from the bytes (``mime_type`` is used only when the bytes do not
+    tell; PIL images are encoded as PNG). The block works with any LangChain chat model.
+    Raises :class:`~mantis_llm.errors.ImageError` when the source cannot be read or is not an
+    image; the image itself is checked (decoded, size limits) when it is sent.
+    """
+    img = Image(source, mime_type=mime_type)
+    if img.is_remote:
+        block: dict[str, Any] = {"type": "image", "url": img.url}
+        if mime_type:
+            block["mime_type"] = mime_type
+        return block
+    data = img.data
+    sniffed = img.mime_type
+    if sniffed is not None and not sniffed.startswith("image/"):
+        raise ImageError(f"not an image: the data is {sniffed}")
+    mime = sniffed or mime_type
+    if mime is None:
+        raise ImageError("cannot tell the image type from its bytes: pass mime_type=")
+    return {"type": "image", "base64": base64.b64encode(data).decode("ascii"), "mime_type": mime}
+
+
 def _json_instruction(schema: Optional[dict[str, Any]]) -> str:
     if schema is None:
         return "Answer with a single JSON object and nothing else: no prose, no code fences."
@@ -315,6 +346,12 @@ class ChatMantis(BaseChatModel):
         streaming: make ``invoke`` use the streaming path as well.
         on_update: a callable receiving every backend progress report (fal queue status,
             position, logs), on every path; not serialized.
+
+    Images go in messages as LangChain image blocks; :func:`image_block` makes one from a
+    URL, data URI, path, bytes, PIL image or file object::
+
+        chat.invoke([HumanMessage(content=[image_block("a.png"), image_block(pil_image),
+                                           "What differs between the two images?"])])
 
     The backend is built on first use and reused (its connection pool or loaded weights);
     :meth:`close` / :meth:`aclose` release it. A bad constructor value raises
@@ -692,4 +729,4 @@ class ChatMantis(BaseChatModel):
         return RunnableMap(raw=llm) | parser_with_fallback
 
 
-__all__ = ["ChatMantis", "QUEUE_UPDATE_EVENT", "messages_to_conversation"]
+__all__ = ["ChatMantis", "QUEUE_UPDATE_EVENT", "image_block", "messages_to_conversation"]

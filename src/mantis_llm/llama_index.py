@@ -14,7 +14,8 @@ Translation (:func:`to_conversation`):
 - roles: system/developer -> system; user -> user; assistant/chatbot/model -> assistant;
   tool/function -> a user turn starting with ``"Tool result:"`` (ReActAgent itself sends its
   observations as plain user text, so this only matters for hand-built histories);
-- ``TextBlock`` -> text; ``ImageBlock`` -> an image at that exact position: http(s) and
+- ``TextBlock`` -> text; ``ImageBlock`` (:func:`image_block` makes one from any source, PIL
+  images included) -> an image at that exact position: http(s) and
   ``data:`` URLs are passed on as they are (fal takes both, nothing is downloaded here), a
   ``path`` stays a path (read by the backend), ``image`` bytes (raw or base64) and file
   objects are read with ``ImageBlock.resolve_image()``;
@@ -126,6 +127,24 @@ def image_block_to_image(block: ImageBlock, label: str = "image") -> Image:
     except (ValueError, OSError) as exc:  # bad base64, empty stream, unreadable file
         raise ImageError(f"{label}: cannot read the ImageBlock: {exc}") from None
     raise ImageError(f"{label}: the ImageBlock has no image, path or url")
+
+
+def image_block(source: Any, *, mime_type: Optional[str] = None) -> ImageBlock:
+    """An ``ImageBlock`` from any image source :class:`~mantis_llm.types.Image` accepts,
+    including PIL images (which ``ImageBlock`` itself does not take).
+
+    An http(s) URL stays ``url`` (nothing is downloaded); a data URI, path, bytes, PIL image
+    (encoded as PNG) or binary file object is read into ``image`` bytes, with the type sniffed
+    from them (``mime_type`` when they do not tell). Raises
+    :class:`~mantis_llm.errors.ImageError` when the source cannot be read.
+    """
+    img = Image(source, mime_type=mime_type)
+    if img.is_remote:
+        return ImageBlock(url=img.url, image_mimetype=mime_type)
+    data, sniffed = img.data, img.mime_type
+    if sniffed is None or not sniffed.startswith("image/"):
+        sniffed = mime_type  # unknown or not an image: checked (and refused) when sent
+    return ImageBlock(image=data, image_mimetype=sniffed)
 
 
 def to_image_block(item: Any, label: str = "image") -> ImageBlock:
@@ -465,6 +484,9 @@ class Mantis(_MantisBase, LLM):
                                                TextBlock(text="What differs between the images?")])
         print(llm.chat([msg]).message.content)
 
+    :func:`image_block` makes an ``ImageBlock`` from any image source, PIL images included
+    (``image_block(pil_image)``).
+
     ``complete(prompt, image_documents=[...])`` also takes ``ImageBlock``s, ``ImageNode``s and
     ``ImageDocument``s (placed before the prompt). ``backend="local"`` runs the model in-process
     with transformers (``model`` is then a Hugging Face id or a local path).
@@ -598,6 +620,7 @@ __all__ = [
     "MantisMultiModal",
     "MantisUpdateEvent",
     "to_conversation",
+    "image_block",
     "image_block_to_image",
     "to_image_block",
     "prompt_messages",
