@@ -88,7 +88,7 @@ from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.utils import secret_from_env
 from langchain_core.utils.function_calling import convert_to_json_schema
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, ValidationError, model_validator
+from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, model_validator
 
 from .backends import DEFAULT_FAL_ENDPOINT, DEFAULT_LOCAL_MODEL, Backend, resolve_backend
 from .errors import ConfigurationError, ImageError, InvalidRequestError, from_validation_error
@@ -354,11 +354,13 @@ class ChatMantis(BaseChatModel):
                                            "What differs between the two images?"])])
 
     The backend is built on first use and reused (its connection pool or loaded weights);
-    :meth:`close` / :meth:`aclose` release it. A bad constructor value raises
+    :meth:`close` / :meth:`aclose` release it. A bad or unknown constructor argument raises
     :class:`~mantis_llm.errors.ConfigurationError` naming each field (``"ChatMantis:
     temperature: Input should be less than or equal to 2"``); a bad per-call value,
     :class:`~mantis_llm.errors.InvalidRequestError`.
     """
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt argument is an error, not ignored
 
     model: str = Field(
         default=DEFAULT_FAL_ENDPOINT, validation_alias=AliasChoices("model", "model_name")

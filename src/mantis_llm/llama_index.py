@@ -275,7 +275,7 @@ class MantisUpdateEvent(BaseEvent):
 class _MantisBase(BaseModel):
     """Fields and the undecorated core shared by :class:`Mantis` and :class:`MantisMultiModal`."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")  # misspelt arguments fail
 
     model: str = Field(
         default=DEFAULT_FAL_ENDPOINT,
@@ -491,8 +491,8 @@ class Mantis(_MantisBase, LLM):
     ``ImageDocument``s (placed before the prompt). ``backend="local"`` runs the model in-process
     with transformers (``model`` is then a Hugging Face id or a local path).
 
-    A bad constructor value raises :class:`~mantis_llm.errors.ConfigurationError` naming each
-    field (``"Mantis: top_p: Input should be greater than 0"``); a bad per-call value,
+    A bad or unknown constructor argument raises :class:`~mantis_llm.errors.ConfigurationError`
+    naming each field (``"Mantis: top_p: Input should be greater than 0"``); a bad per-call value,
     :class:`~mantis_llm.errors.InvalidRequestError`.
     """
 

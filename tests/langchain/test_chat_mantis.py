@@ -508,6 +508,7 @@ def test_key_never_in_repr_serialization(emu, monkeypatch):
          "max_retries: Input should be greater than or equal to 0"),
         ({"stop": [""]}, "stop=('',) is invalid: every stop sequence must be a non-empty string"),
         ({"backend_options": {"api_key": "k"}}, "backend_options may not set ['api_key']"),
+        ({"temprature": 0.2}, "temprature: Extra inputs are not permitted"),  # misspelt, not ignored
     ],
 )  # fmt: skip
 def test_constructor_errors_are_configuration_errors_naming_each_field(kwargs, message):

@@ -94,6 +94,7 @@ def test_import_pulls_no_torch():
          "context_window: Input should be greater than or equal to 1"),
         ({"stop": [""]}, "stop=('',) is invalid: every stop sequence must be a non-empty string"),
         ({"backend": "openai"}, "unknown backend 'openai'"),
+        ({"temprature": 0.2}, "temprature: Extra inputs are not permitted"),  # misspelt, not ignored
         ({"api_key": ["sk-very-secret"]}, "api_key: Input should be a valid string"),
     ],
 )  # fmt: skip
