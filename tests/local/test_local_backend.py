@@ -184,6 +184,27 @@ def test_static_cache_option_gives_the_same_answers(tiny_clip, clip_backend, mix
         assert [r.text for r in backend.generate_batch(mixed_requests)] == expected
 
 
+def test_a_failed_batch_is_retried_row_by_row(tiny_clip, mixed_requests):
+    with TransformersBackend(model=tiny_clip) as backend:
+        expected = [backend.generate(r).text for r in mixed_requests]
+        real = backend._generate
+
+        def out_of_memory_when_batched(jobs):
+            if len(jobs) > 1:
+                raise RuntimeError("CUDA out of memory (simulated)\nlong details")
+            real(jobs)
+
+        backend._generate = out_of_memory_when_batched
+        results = backend.generate_batch(mixed_requests)
+        assert [r.text for r in results] == expected
+        assert all(r.metrics["batch_size"] == 1 for r in results)
+
+        backend._generate = lambda jobs: 1 / 0
+        with pytest.raises(BackendError, match="^local generation failed: division by zero") as info:
+            backend.generate(mixed_requests[0])
+        assert info.value.request_id.startswith("local-")
+
+
 def test_concurrent_threads_are_batched_and_safe(clip_backend, mixed_requests):
     expected = [clip_backend.generate(r).text for r in mixed_requests]
     results: dict[int, object] = {}

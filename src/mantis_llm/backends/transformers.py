@@ -146,11 +146,12 @@ class TransformersBackend(Backend):
     and float32 on CPU. ``image_options`` (or just ``image_short_side``) limit and downsize
     images before the processor. Concurrent requests share batches of up to
     ``max_batch_size``: while other callers are still preparing theirs, the worker holds a
-    batch open up to ``batch_wait`` seconds (a lone caller never waits). ``max_context`` overrides the model's context
-    length and ``default_max_tokens`` is used when a request sets no ``max_tokens`` (clamped
-    to what the context leaves). ``model_kwargs`` go to ``from_pretrained`` and
-    ``generate_kwargs`` to every ``model.generate`` call (e.g. ``cache_implementation="static"``,
-    ``repetition_penalty``); the request's own settings take precedence.
+    batch open up to ``batch_wait`` seconds (a lone caller never waits). ``max_context``
+    overrides the model's context length; ``default_max_tokens`` applies when a request sets
+    no ``max_tokens`` (clamped to the room the context leaves). ``model_kwargs`` go to
+    ``from_pretrained`` and ``generate_kwargs`` to every ``model.generate`` call (e.g.
+    ``cache_implementation="static"``, ``repetition_penalty``); the request's own settings
+    take precedence.
 
     Decoding is greedy unless a request sets ``temperature > 0`` (then ``top_p`` applies too);
     a request's ``seed`` makes sampling reproducible without touching the global RNG.
@@ -185,7 +186,9 @@ class TransformersBackend(Backend):
         for name, value in (("max_batch_size", max_batch_size), ("default_max_tokens", default_max_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"{name} must be a positive integer, not {value!r}")
-        if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 2):
+        if max_context is not None and (
+            isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 2
+        ):
             raise ConfigurationError(f"max_context must be an integer >= 2, not {max_context!r}")
         if isinstance(batch_wait, bool) or not isinstance(batch_wait, (int, float)) or batch_wait < 0:
             raise ConfigurationError(f"batch_wait must be a number of seconds >= 0, not {batch_wait!r}")
@@ -330,7 +333,8 @@ class TransformersBackend(Backend):
             if value is not None:
                 eos.update(value if isinstance(value, (list, tuple)) else [value])
         pad_id = next(
-            (v for v in (tokenizer.pad_token_id, gen.pad_token_id, getattr(config, "pad_token_id", None)) if v is not None),
+            (v for v in (tokenizer.pad_token_id, gen.pad_token_id, getattr(config, "pad_token_id", None))
+             if v is not None),
             min(eos) if eos else 0,
         )
         if isinstance(pad_id, (list, tuple)):
@@ -351,7 +355,8 @@ class TransformersBackend(Backend):
         return _Loaded(
             torch=torch, model=model, processor=processor, tokenizer=tokenizer, device=model.device,
             pad_id=int(pad_id), eos_ids=frozenset(int(e) for e in eos), image_token_id=image_token_id,
-            tokens_per_image=tokens_per_image, wrapper_tokens=wrapper_tokens, context=context, stopping_list=tf.StoppingCriteriaList,
+            tokens_per_image=tokens_per_image, wrapper_tokens=wrapper_tokens, context=context,
+            stopping_list=tf.StoppingCriteriaList,
         )  # fmt: skip
 
     def _torch_dtype(self, torch, on_cuda: bool):
@@ -771,25 +776,16 @@ def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
     return min(hits) if hits else None
 
 
-class _rng_scope:
+@contextmanager
+def _rng_scope(torch, device, seed: int | None) -> Iterator[None]:
     """Seed sampling without touching the caller's global RNG state (restored on exit)."""
-
-    def __init__(self, torch, device, seed: int | None) -> None:
-        self.torch, self.device, self.seed, self.fork = torch, device, seed, None
-
-    def __enter__(self):
-        if self.seed is not None:
-            cuda = self.device.type == "cuda"
-            devices = list(range(self.torch.cuda.device_count())) if cuda else []
-            self.fork = self.torch.random.fork_rng(devices=devices)
-            self.fork.__enter__()
-            self.torch.manual_seed(self.seed)
-        return self
-
-    def __exit__(self, *exc):
-        if self.fork is not None:
-            return self.fork.__exit__(*exc)
-        return False
+    if seed is None:
+        yield
+        return
+    devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 __all__ = ["TransformersBackend", "INSTALL_HINT"]
