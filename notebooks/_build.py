@@ -73,15 +73,6 @@ def setup_cell(service_time: float, concurrency: int | None = None):
     return cell
 
 
-IMAGE_BLOCK = '''
-def image_block(source):
-    """A LangChain image content block from a file path, raw bytes or a PIL image.
-
-    ChatMantis takes http(s) URLs, data URIs and base64 data; it never opens files named in a message.
-    """
-    img = Image(source)  # mantis_llm.Image: reads the bytes and sniffs the type
-    return {"type": "image", "base64": base64.b64encode(img.data).decode(), "mime_type": img.mime_type}
-'''
 
 TEARDOWN_MD = md(
     """
@@ -167,13 +158,10 @@ QUICKSTART = [
         """
     ),
     code(
-        "import base64\n\n"
-        "from langchain_core.messages import HumanMessage\n\n"
-        "from mantis_llm import Image\n"
-        "from mantis_llm.langchain import ChatMantis\n\n\n"
-        + IMAGE_BLOCK.strip()
-        + """
+        """
+from langchain_core.messages import HumanMessage
 
+from mantis_llm.langchain import ChatMantis, image_block  # image_block: a path, bytes or PIL image as a content block
 
 chat = ChatMantis()  # fal-ai/mantis-llava-7b-v11; FAL_KEY from the environment
 message = HumanMessage(content=[image_block(day), image_block(night), {"type": "text", "text": QUESTION}])
@@ -324,14 +312,12 @@ print("request id:", answer.response_metadata["request_id"])
         print(llm.chat([msg]).message.content)
         """
     ),
-    md("A URL and a PIL image (as PNG bytes), through `complete(prompt, image_documents=...)`:"),
+    md("A URL and a PIL image, through `complete(prompt, image_documents=...)`:"),
     code(
         """
-        import io
+        from mantis_llm.llama_index import image_block  # ImageBlock itself takes no PIL image
 
-        png = io.BytesIO()
-        mirrored.save(png, format="PNG")
-        print(llm.complete(QUESTION, image_documents=[ImageBlock(url=urls[0]), ImageBlock(image=png.getvalue())]).text)
+        print(llm.complete(QUESTION, image_documents=[ImageBlock(url=urls[0]), image_block(mirrored)]).text)
         """
     ),
     md(
@@ -422,11 +408,9 @@ AGENT = [
         "from langchain_core.prompts import ChatPromptTemplate\n"
         "from langchain_core.tools import tool\n"
         "from pydantic import BaseModel, Field\n\n"
-        "from mantis_llm import Image\n"
-        "from mantis_llm.langchain import ChatMantis\n\n"
+        "from mantis_llm.langchain import ChatMantis, image_block\n\n"
         'IMAGES = Path("images")\n'
-        'day, night = IMAGES / "house_day.png", IMAGES / "house_night.png"\n\n\n'
-        + IMAGE_BLOCK.strip()
+        'day, night = IMAGES / "house_day.png", IMAGES / "house_night.png"\n'
         + """
 
 
@@ -915,17 +899,12 @@ LOCAL = [
     md("## The seed question"),
     code(
         """
-        import base64
-
         from langchain_core.messages import HumanMessage
+
+        from mantis_llm.langchain import image_block
 
         IMAGES = Path("images")
         day, night = IMAGES / "house_day.png", IMAGES / "house_night.png"
-
-
-        def image_block(path):
-            return {"type": "image", "base64": base64.b64encode(path.read_bytes()).decode(), "mime_type": "image/png"}
-
 
         message = HumanMessage(content=[image_block(day), image_block(night),
                                         {"type": "text", "text": "What are the differences between these two images?"}])
