@@ -3,8 +3,9 @@
 :func:`build_tiny_mantis` writes a LLaVA checkpoint of the real Mantis architecture (a CLIP
 or SigLIP vision tower, a projector, a Llama language model) with a byte-level tokenizer that
 knows ``<image>``, ``<s>``, ``</s>`` and ``<pad>``. Weights are random, so the "answers" are
-random bytes, but every code path (config, processor, image-token expansion, generation) is
-the real one. Nothing is downloaded. torch and transformers are imported only when called.
+random printable characters that depend on the prompt and the images; EOS is rare, so ask for
+few tokens. Every code path (config, processor, image-token expansion, generation) is the
+real one. Nothing is downloaded. torch and transformers are imported only when called.
 
     from mantis_llm.testing import build_tiny_mantis
     path = build_tiny_mantis("/tmp/tiny-mantis")             # HF layout, CLIP 32px / patch 8
@@ -76,10 +77,11 @@ def build_tiny_mantis(
                 return path
         except ValueError:
             pass
+        marker.unlink()  # a half-rebuilt directory must not pass for the old model
     path.mkdir(parents=True, exist_ok=True)
 
     import torch
-    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     tokenizer = _byte_level_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
@@ -140,6 +142,22 @@ def build_tiny_mantis(
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
 
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        _save(path, layout, model, cfg, tokenizer, image_processor, vision, patch_size)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    marker.write_text(json.dumps(spec))
+    return path
+
+
+def _save(path: Path, layout: str, model, cfg, tokenizer, image_processor, vision: str, patch_size: int) -> None:
+    from transformers import LlavaProcessor
+
     if layout == "hf":
         model.save_pretrained(path)
         LlavaProcessor(
@@ -149,8 +167,6 @@ def build_tiny_mantis(
         ).save_pretrained(path)  # fmt: skip
     else:
         _save_mantis_layout(path, model, cfg, tokenizer, image_processor)
-    marker.write_text(json.dumps(spec))
-    return path
 
 
 def _image_processor_class(prefix: str):
