@@ -364,7 +364,10 @@ def test_missing_model_is_a_configuration_error(tmp_path, monkeypatch):
             TransformersBackend(model=model).load()
         message = str(info.value)
         assert model in message and "\n" not in message and len(message) < 600
-        assert info.value.__cause__ is None and info.value.__suppress_context__
+        assert ("does not exist" if model.startswith("/") else "not a local directory") in message
+        # one line, no chained transformers/huggingface_hub traceback
+        assert info.value.__cause__ is None
+        assert info.value.__context__ is None or info.value.__suppress_context__
 
 
 def test_non_llava_checkpoint_is_rejected(tmp_path):

@@ -282,6 +282,9 @@ class TransformersBackend(Backend):
                 f"cannot load the {what} of local model {self.model!r}{hint}: {_first_line(exc)}", detail=str(exc)
             )
 
+        looks_local = os.path.isabs(self.model) or self.model.startswith((".", "~"))
+        if looks_local and not os.path.isdir(os.path.expanduser(self.model)):
+            raise ConfigurationError(f"local model directory {self.model!r} does not exist")
         try:
             config = tf.AutoConfig.from_pretrained(self.model, **common)
         except Exception as exc:  # OSError (not found/offline), ValueError (bad config), ...
