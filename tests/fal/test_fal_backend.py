@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gc
 import logging
 import pickle
 import signal
+import sys
 import threading
 import time
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -88,6 +91,46 @@ def test_several_asyncio_runs_share_one_backend(emu, make):
     b = make()
     texts = [asyncio.run(b.agenerate(req(f"run {i}"))).text for i in range(3)]
     assert texts == [expected(emu, i) for i in range(3)]
+
+
+def test_close_after_asyncio_run_leaves_no_socket_to_the_gc(emu, make, monkeypatch):
+    """Each loop's pooled clients are closed as asyncio.run() shuts the loop down, so the
+    sync close() that follows only forgets them: no ResourceWarning from the GC."""
+    gc.collect()  # earlier tests' garbage (fal-client leaves sockets in cycles) is not ours
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)  # warnings raised in __del__ land here
+    b = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        for i in range(2):  # the second loop also forgets the first loop's pool
+            assert asyncio.run(b.agenerate(req(f"run {i}"))).text == expected(emu, i)
+        b.close()
+        gc.collect()
+    assert [repr(u.exc_value) for u in unraisable] == []
+
+
+def test_close_leaves_the_pool_of_a_loop_running_in_another_thread(emu, make, monkeypatch):
+    gc.collect()
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    b = make()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ResourceWarning)
+            on_loop = lambda coro: asyncio.run_coroutine_threadsafe(coro, loop).result(10)  # noqa: E731
+            assert on_loop(b.agenerate(req("one"))).text == expected(emu, 0)
+            b.close()  # from this thread: the other loop's calls may be in flight, its pool is kept
+            assert on_loop(b.agenerate(req("two"))).text == expected(emu, 1)
+            on_loop(b.aclose())  # closes it, inside its loop
+            gc.collect()
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+    assert [repr(u.exc_value) for u in unraisable] == []
 
 
 def test_params_are_sent_only_when_set_and_max_tokens_truncates(emu, make):

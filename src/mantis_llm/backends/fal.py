@@ -94,6 +94,21 @@ def _require_request(request: Any) -> Request:
     return request
 
 
+async def _close_at_shutdown(shards: dict[httpx.AsyncClient, int]) -> AsyncIterator[None]:
+    """Closes one event loop's pooled clients when that loop shuts down.
+
+    Started once per loop and parked at its ``yield``. Before closing a loop,
+    ``asyncio.run()`` and ``asyncio.Runner`` close every open async generator
+    (``loop.shutdown_asyncgens()``), which runs the ``finally`` below while the loop can still
+    close its sockets; httpx cannot close an AsyncClient once its loop is closed.
+    """
+    try:
+        yield
+    finally:
+        for client in list(shards):
+            await client.aclose()
+
+
 class FalBackend(Backend):
     """Runs Mantis on fal (``fal-ai/mantis-llava-7b-v11`` by default).
 
@@ -141,7 +156,9 @@ class FalBackend(Backend):
 
     Async use: pooled httpx async clients are kept per event loop (an httpx client cannot
     cross loops; one client per 16 concurrent calls), so the backend also works from several
-    ``asyncio.run()`` calls; call :meth:`aclose` inside the loop to close its connections. On ``asyncio`` cancellation the
+    ``asyncio.run()`` calls. A loop's clients are closed when ``asyncio.run()`` (or
+    ``asyncio.Runner``) shuts that loop down, or by :meth:`aclose` inside the loop; see
+    :meth:`close` for loops ended otherwise. On ``asyncio`` cancellation the
     job is cancelled at fal and ``CancelledError`` propagates. On ``KeyboardInterrupt`` in
     sync code the job is cancelled too and the ``KeyboardInterrupt`` propagates (turning it
     into an ordinary exception would let ``except Exception`` swallow Ctrl-C).
@@ -211,8 +228,8 @@ class FalBackend(Backend):
         self._state = proto.SharedState()
         self._user_client, self._user_async_client = client, async_client
         self._client: httpx.Client | None = None
-        # per event loop: {AsyncClient: calls in flight}
-        self._async_clients: dict[asyncio.AbstractEventLoop, dict[httpx.AsyncClient, int]] = {}
+        # per event loop: ({AsyncClient: calls in flight}, the generator that closes them at loop shutdown)
+        self._async_clients: dict[asyncio.AbstractEventLoop, tuple[dict[httpx.AsyncClient, int], Any]] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ config views
@@ -256,8 +273,8 @@ class FalBackend(Backend):
                 self._client = httpx.Client(limits=_LIMITS, verify=_ssl_context(), follow_redirects=False)
             return self._client
 
-    @contextlib.contextmanager
-    def _async_client(self) -> Iterator[httpx.AsyncClient]:
+    @contextlib.asynccontextmanager
+    async def _async_client(self) -> AsyncIterator[httpx.AsyncClient]:
         """A pooled AsyncClient of the running loop for one call.
 
         httpcore's pool does work quadratic in its number of connections on every request
@@ -269,18 +286,24 @@ class FalBackend(Backend):
             yield self._user_async_client
             return
         loop = asyncio.get_running_loop()
+        closer = None
         with self._lock:
-            shards = self._async_clients.get(loop)
-            if shards is None:
+            pool = self._async_clients.get(loop)
+            if pool is None:
                 for old in [lp for lp in self._async_clients if lp.is_closed()]:
-                    del self._async_clients[old]  # its loop is gone; its sockets went with it
-                shards = self._async_clients[loop] = {}
+                    del self._async_clients[old]  # closed at that loop's shutdown (see _close_at_shutdown)
+                shards: dict[httpx.AsyncClient, int] = {}
+                closer = _close_at_shutdown(shards)
+                pool = self._async_clients[loop] = (shards, closer)
+            shards = pool[0]
             client = next((c for c, n in shards.items() if n < _SHARD_CALLS), None)
             if client is None:
                 client = httpx.AsyncClient(limits=_LIMITS, verify=_ssl_context(), follow_redirects=False)
                 shards[client] = 0
                 logger.debug("fal: pooled AsyncClient %d for this event loop", len(shards))
             shards[client] += 1
+        if closer is not None:
+            await closer.asend(None)  # parked until the loop shuts down
         try:
             yield client
         finally:
@@ -289,20 +312,29 @@ class FalBackend(Backend):
                     shards[client] -= 1
 
     def close(self) -> None:
-        """Close the pooled sync client (and forget async clients; prefer :meth:`aclose`)."""
+        """Close the pooled sync client, and forget the async pools of closed event loops.
+
+        Loops run by ``asyncio.run()`` or ``asyncio.Runner`` closed their pool's connections
+        as they shut down, so nothing is left for the garbage collector (and no
+        ``ResourceWarning``). Pools of loops still open (running in another thread, say) are
+        left alone: their calls may be in flight; :meth:`aclose` inside the loop closes them.
+        A loop closed by a bare ``loop.close()`` (no ``shutdown_asyncgens()``) cannot close
+        its sockets any more: forgetting its pool leaves them to the garbage collector.
+        """
         with self._lock:
             client, self._client = self._client, None
-            self._async_clients.clear()
+            for loop in [lp for lp in self._async_clients if lp.is_closed()]:
+                del self._async_clients[loop]
         if client is not None:
             client.close()
 
     async def aclose(self) -> None:
-        """Close the pooled clients (the async one of the running loop included)."""
+        """Close the pooled clients (the async ones of the running loop included)."""
         loop = asyncio.get_running_loop()
         with self._lock:
-            shards = self._async_clients.pop(loop, {})
-        for client in shards:
-            await client.aclose()
+            pool = self._async_clients.pop(loop, None)
+        if pool is not None:
+            await pool[1].aclose()  # runs its finally: closes the loop's clients
         self.close()
 
     # ------------------------------------------------------------------ drivers
@@ -456,7 +488,7 @@ class FalBackend(Backend):
         yield from self._drive(self._call(request, on_update), self._sync_client())
 
     async def astream(self, request: Request, *, on_update: OnUpdate | None = None) -> AsyncIterator[Chunk]:
-        with self._async_client() as client:
+        async with self._async_client() as client:
             agen = self._adrive(self._call(request, on_update), client)
             try:
                 async for chunk in agen:
