@@ -4,12 +4,33 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from typing import AsyncIterator, Callable, ClassVar, Iterator, Sequence
+from typing import Any, AsyncIterator, Callable, ClassVar, Iterator, Sequence
 
+from ..errors import ConfigurationError, InvalidRequestError
 from ..types import Chunk, Request, Response, Update
 
 OnUpdate = Callable[[Update], None]
 """Called with each progress report (fal queue position, logs). Must not block."""
+
+
+def check_option(ok: bool, name: str, what: str, value: Any) -> None:
+    """Raise a ConfigurationError naming the constructor argument ``name`` unless ``ok``."""
+    if not ok:
+        raise ConfigurationError(f"{name} must be {what}, not {value!r}")
+
+
+def is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def require_request(backend: "Backend", request: Any) -> Request:
+    """The one check every backend entry point makes before touching ``request``."""
+    if not isinstance(request, Request):
+        raise InvalidRequestError(
+            f"{type(backend).__name__} expects a mantis_llm.types.Request, not {type(request).__name__} "
+            "(build one with Request(Conversation.from_prompt(text, images)))"
+        )
+    return request
 
 
 class Backend(ABC):

@@ -23,11 +23,11 @@ from typing import Any, AsyncIterator, ClassVar, Iterator, Literal, Sequence
 import httpx
 from pydantic import SecretStr
 
-from ..errors import ConfigurationError, InvalidRequestError
+from ..errors import ConfigurationError
 from ..images import ImageOptions
 from ..types import Chunk, Request, Response
 from . import _fal_protocol as proto
-from .base import Backend, OnUpdate
+from .base import Backend, OnUpdate, check_option, is_positive_int, require_request
 
 logger = logging.getLogger("mantis_llm.fal")
 
@@ -72,26 +72,6 @@ def _url(value: str | None, env: str, default: str) -> str:
     if not url.startswith(("http://", "https://")):
         raise ConfigurationError(f"{name} {url!r} must be an http(s) URL")
     return url
-
-
-def _check(ok: bool, name: str, what: str, value: Any) -> None:
-    """ConfigurationError naming the constructor argument unless ``ok``."""
-    if not ok:
-        raise ConfigurationError(f"{name} must be {what}, not {value!r}")
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _require_request(request: Any) -> Request:
-    """The one check every entry point makes before touching ``request``."""
-    if not isinstance(request, Request):
-        raise InvalidRequestError(
-            f"FalBackend expects a mantis_llm.types.Request, not {type(request).__name__} "
-            "(build one with Request(Conversation.from_prompt(text, images)))"
-        )
-    return request
 
 
 async def _close_at_shutdown(shards: dict[httpx.AsyncClient, int]) -> AsyncIterator[None]:
@@ -187,23 +167,23 @@ class FalBackend(Backend):
         extra_input: dict[str, Any] | None = None,
         max_concurrency: int = 16,
     ) -> None:
-        _check(isinstance(mode, str) and mode in proto.FLOWS, "mode", f"one of {tuple(proto.FLOWS)}", mode)
+        check_option(isinstance(mode, str) and mode in proto.FLOWS, "mode", f"one of {tuple(proto.FLOWS)}", mode)
         if not isinstance(endpoint, str) or endpoint.strip("/").count("/") < 1:
             raise ConfigurationError(f"fal endpoint id {endpoint!r} must look like 'owner/app'")
-        _check(timeout is None or (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+        check_option(timeout is None or (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
                                    and 0 < timeout < math.inf),
                "timeout", "a positive number of seconds", timeout)
-        _check(isinstance(max_retries, int) and not isinstance(max_retries, bool) and max_retries >= 0,
+        check_option(isinstance(max_retries, int) and not isinstance(max_retries, bool) and max_retries >= 0,
                "max_retries", "a non-negative integer", max_retries)
-        _check(_positive_int(upload_threshold), "upload_threshold", "a positive integer (bytes)", upload_threshold)
-        _check(_positive_int(max_concurrency), "max_concurrency", "a positive integer", max_concurrency)
-        _check(isinstance(with_logs, bool), "with_logs", "True or False", with_logs)
-        _check(extra_input is None or (isinstance(extra_input, dict) and all(isinstance(k, str) for k in extra_input)),
+        check_option(is_positive_int(upload_threshold), "upload_threshold", "a positive integer (bytes)", upload_threshold)
+        check_option(is_positive_int(max_concurrency), "max_concurrency", "a positive integer", max_concurrency)
+        check_option(isinstance(with_logs, bool), "with_logs", "True or False", with_logs)
+        check_option(extra_input is None or (isinstance(extra_input, dict) and all(isinstance(k, str) for k in extra_input)),
                "extra_input", "a dict with str keys", extra_input)
-        _check(image_options is None or isinstance(image_options, ImageOptions),
+        check_option(image_options is None or isinstance(image_options, ImageOptions),
                "image_options", "a mantis_llm.images.ImageOptions or None", image_options)
-        _check(client is None or isinstance(client, httpx.Client), "client", "an httpx.Client or None", client)
-        _check(async_client is None or isinstance(async_client, httpx.AsyncClient),
+        check_option(client is None or isinstance(client, httpx.Client), "client", "an httpx.Client or None", client)
+        check_option(async_client is None or isinstance(async_client, httpx.AsyncClient),
                "async_client", "an httpx.AsyncClient or None", async_client)
         options = image_options or ImageOptions()
         if image_short_side is not _UNSET:
@@ -340,7 +320,7 @@ class FalBackend(Backend):
     # ------------------------------------------------------------------ drivers
 
     def _call(self, request: Request, on_update: OnUpdate | None, mode: str | None = None):
-        call = proto.Call(self._config, self._state, _require_request(request), on_update=on_update)
+        call = proto.Call(self._config, self._state, require_request(self, request), on_update=on_update)
         call.metrics["mode"] = mode or self.mode
         # Only with fetch_remote do we download images (from their own hosts, without our key).
         fetcher = self._sync_client() if self.image_options.fetch_remote else None
