@@ -14,7 +14,14 @@ from PIL import Image as PILImage
 
 from mantis_llm import Conversation, GenerationParams, Request, Turn, resolve_backend
 from mantis_llm.backends.transformers import TransformersBackend
-from mantis_llm.errors import BackendError, ConfigurationError, ContextLengthError, ImageError, RequestCancelledError
+from mantis_llm.errors import (
+    BackendError,
+    ConfigurationError,
+    ContextLengthError,
+    ImageError,
+    InvalidRequestError,
+    RequestCancelledError,
+)
 from mantis_llm.types import Image
 
 SYSTEM = (  # Mantis's Vicuna system sentence, written out by hand
@@ -387,11 +394,37 @@ def test_non_llava_checkpoint_is_rejected(tmp_path):
         {"max_context": 1},
         {"default_max_tokens": 0},
         {"image_short_side": 0},
+        {"model": 5},
+        {"model": ""},
+        {"device": 5},
+        {"device_map": 1.5},
+        {"attn_implementation": 3},
+        {"trust_remote_code": "yes"},
+        {"revision": 2},
+        {"batch_wait": True},
+        {"image_options": "x"},
+        {"model_kwargs": 5},
+        {"generate_kwargs": ["a"]},
     ],
 )
 def test_bad_options(options):
-    with pytest.raises(ConfigurationError):
+    """Every wrongly typed or out-of-range option is a ConfigurationError naming it, at construction."""
+    with pytest.raises(ConfigurationError) as info:
         TransformersBackend(**options)
+    name = "device" if "device_map" in options and "device" in options else next(iter(options))
+    assert name.replace("image_short_side", "short_side") in str(info.value)
+
+
+@pytest.mark.parametrize("bad", ["describe this", None, {"prompt": "x"}])
+def test_anything_but_a_request_is_rejected_before_loading(bad):
+    backend = TransformersBackend(model="/nonexistent/model")  # would fail to load: the check comes first
+    with pytest.raises(InvalidRequestError, match="expects a mantis_llm.types.Request"):
+        backend.generate(bad)
+    with pytest.raises(InvalidRequestError, match="expects a mantis_llm.types.Request"):
+        list(backend.stream(bad))
+    with pytest.raises(InvalidRequestError, match="expects a mantis_llm.types.Request"):
+        asyncio.run(backend.agenerate(bad))
+    assert not backend.loaded
 
 
 def test_bad_dtype(tiny_clip):

@@ -42,7 +42,7 @@ from ..images import ImageOptions, labeled_images, load_pil
 from ..prompt import render
 from ..types import Chunk, Request, Response, Update, Usage
 from . import DEFAULT_LOCAL_MODEL
-from .base import Backend, OnUpdate
+from .base import Backend, OnUpdate, check_option, is_positive_int, require_request
 
 logger = logging.getLogger("mantis_llm.local")
 
@@ -181,23 +181,31 @@ class TransformersBackend(Backend):
         model_kwargs: dict[str, Any] | None = None,
         generate_kwargs: dict[str, Any] | None = None,
     ) -> None:
+        check_option(isinstance(model, (str, os.PathLike)) and bool(os.fspath(model)), "model",
+                     "a hub id or a local path", model)
+        check_option(device is None or isinstance(device, str) or type(device).__name__ == "device",
+                     "device", "a device name such as 'cpu' or 'cuda:0'", device)
+        check_option(device_map is None or isinstance(device_map, (str, dict)), "device_map", "a str or dict", device_map)
         if device is not None and device_map is not None:
             raise ConfigurationError("pass either device or device_map, not both")
-        for name, value in (("max_batch_size", max_batch_size), ("default_max_tokens", default_max_tokens)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigurationError(f"{name} must be a positive integer, not {value!r}")
-        if max_context is not None and (
-            isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 2
-        ):
-            raise ConfigurationError(f"max_context must be an integer >= 2, not {max_context!r}")
-        if isinstance(batch_wait, bool) or not isinstance(batch_wait, (int, float)) or batch_wait < 0:
-            raise ConfigurationError(f"batch_wait must be a number of seconds >= 0, not {batch_wait!r}")
+        check_option(attn_implementation is None or isinstance(attn_implementation, str),
+                     "attn_implementation", "a str such as 'sdpa'", attn_implementation)
+        check_option(isinstance(trust_remote_code, bool), "trust_remote_code", "True or False", trust_remote_code)
+        check_option(revision is None or isinstance(revision, str), "revision", "a str", revision)
+        check_option(is_positive_int(max_batch_size), "max_batch_size", "a positive integer", max_batch_size)
+        check_option(is_positive_int(default_max_tokens), "default_max_tokens", "a positive integer", default_max_tokens)
+        check_option(max_context is None or (is_positive_int(max_context) and max_context >= 2),
+                     "max_context", "an integer >= 2", max_context)
+        check_option(not isinstance(batch_wait, bool) and isinstance(batch_wait, (int, float)) and 0 <= batch_wait < 60,
+                     "batch_wait", "a number of seconds in [0, 60)", batch_wait)
+        check_option(image_options is None or isinstance(image_options, ImageOptions),
+                     "image_options", "a mantis_llm.images.ImageOptions or None", image_options)
+        for name, value in (("model_kwargs", model_kwargs), ("generate_kwargs", generate_kwargs)):
+            check_option(value is None or (isinstance(value, dict) and all(isinstance(k, str) for k in value)),
+                         name, "a dict with str keys", value)
         options = image_options or ImageOptions()
         if image_short_side is not None:
-            try:
-                options = replace(options, short_side=image_short_side)
-            except ValueError as exc:
-                raise ConfigurationError(str(exc)) from None
+            options = replace(options, short_side=image_short_side)  # ImageOptions checks it
         self.model = os.fspath(model)
         self.device = device
         self.device_map = device_map
@@ -378,6 +386,7 @@ class TransformersBackend(Backend):
 
     def _prepare(self, request: Request, sink: Callable[[Any], None] | None = None) -> _Job:
         """Render, check the context, load images and run the processor (caller's thread)."""
+        require_request(self, request)
         st = self.load()._state
         params = request.params
         rendered = render(request.conversation, "local")
@@ -446,6 +455,7 @@ class TransformersBackend(Backend):
             self._cond.notify_all()
 
     def _submit(self, request: Request, sink, on_update: OnUpdate | None) -> _Job:
+        require_request(self, request)
         if on_update is not None and not self.loaded:
             on_update(Update(status="LOADING"))
         self.load()
@@ -454,6 +464,7 @@ class TransformersBackend(Backend):
         return _queued(made[0], on_update)
 
     async def _asubmit(self, request: Request, sink, on_update: OnUpdate | None) -> _Job:
+        require_request(self, request)
         if not self.loaded:
             if on_update is not None:
                 on_update(Update(status="LOADING"))
