@@ -41,11 +41,19 @@ from mantis_llm.types import Conversation, Image, Request, Turn
 JOKE = json.dumps({"setup": "Why did the cat sit on the computer?", "punchline": "To keep an eye on the mouse."})
 
 
-class TestChatMantisUnit(ChatModelUnitTests):
+class ChatMantisSuite:
+    """What every suite below says of ChatMantis: the class, and no tool calling."""
+
     @property
     def chat_model_class(self) -> type[ChatMantis]:
         return ChatMantis
 
+    @property
+    def has_tool_calling(self) -> bool:
+        return False
+
+
+class TestChatMantisUnit(ChatMantisSuite, ChatModelUnitTests):
     @property
     def chat_model_params(self) -> dict:
         return {}
@@ -54,10 +62,6 @@ class TestChatMantisUnit(ChatModelUnitTests):
     def init_from_env_params(self) -> tuple[dict, dict, dict]:
         return {"FAL_KEY": "key-from-env"}, {}, {"api_key": "key-from-env"}
 
-    @property
-    def has_tool_calling(self) -> bool:
-        return False
-
     @pytest.mark.xfail(
         strict=True,
         reason="load(allowed_objects='all') only admits classes in langchain-core's own "
@@ -65,6 +69,35 @@ class TestChatMantisUnit(ChatModelUnitTests):
     )
     def test_serdes(self, model, snapshot) -> None:
         super().test_serdes(model, snapshot)
+
+
+class ChatMantisIntegration(ChatMantisSuite, ChatModelIntegrationTests):
+    """The integration suite on a backend (the fixture named by ``backend_fixture``), with
+    images, image URLs and JSON mode on; subclasses state the backend, extra model params and
+    whether usage metadata is returned. (Not collected: the name does not start with Test.)"""
+
+    backend_fixture: str
+    extra_params: dict = {}
+
+    @pytest.fixture(autouse=True)
+    def _backend(self, request):
+        self.backend = request.getfixturevalue(self.backend_fixture)
+
+    @property
+    def chat_model_params(self) -> dict:
+        return {"backend": self.backend, **self.extra_params}
+
+    @property
+    def supports_image_inputs(self) -> bool:
+        return True
+
+    @property
+    def supports_image_urls(self) -> bool:
+        return True
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
 
 
 # ------------------------------------------------------------------ fal (emulator)
@@ -122,34 +155,8 @@ def fal_backend(emulator, picture):
     emulator.script([])
 
 
-class TestChatMantisFalIntegration(ChatModelIntegrationTests):
-    @pytest.fixture(autouse=True)
-    def _backend(self, fal_backend):
-        self.backend = fal_backend
-
-    @property
-    def chat_model_class(self) -> type[ChatMantis]:
-        return ChatMantis
-
-    @property
-    def chat_model_params(self) -> dict:
-        return {"backend": self.backend}
-
-    @property
-    def has_tool_calling(self) -> bool:
-        return False
-
-    @property
-    def supports_image_inputs(self) -> bool:
-        return True
-
-    @property
-    def supports_image_urls(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
+class TestChatMantisFalIntegration(ChatMantisIntegration):
+    backend_fixture = "fal_backend"
 
     @property
     def returns_usage_metadata(self) -> bool:
@@ -164,34 +171,9 @@ _RANDOM_JSON = (
 )
 
 
-class TestChatMantisLocalIntegration(ChatModelIntegrationTests):
-    @pytest.fixture(autouse=True)
-    def _backend(self, local_backend):
-        self.backend = local_backend
-
-    @property
-    def chat_model_class(self) -> type[ChatMantis]:
-        return ChatMantis
-
-    @property
-    def chat_model_params(self) -> dict:
-        return {"backend": self.backend, "max_tokens": 12}
-
-    @property
-    def has_tool_calling(self) -> bool:
-        return False
-
-    @property
-    def supports_image_inputs(self) -> bool:
-        return True
-
-    @property
-    def supports_image_urls(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
+class TestChatMantisLocalIntegration(ChatMantisIntegration):
+    backend_fixture = "local_backend"
+    extra_params = {"max_tokens": 12}
 
     @property
     def returns_usage_metadata(self) -> bool:
