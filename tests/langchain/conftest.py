@@ -1,5 +1,6 @@
-"""Fixtures for the LangChain adapter tests: a FalEmulator, the environment pointing the fal
-backend at it, and offline serving of the images the langchain-tests suites download."""
+"""Fixtures for the LangChain adapter tests: offline serving of the images the langchain-tests
+suites download, and a tiny local model. The FalEmulator fixtures (``emulator``, ``emu``) are
+in tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import io
 import httpx
 import pytest
 
-from mantis_llm.emulator import FalEmulator
 
 # The standard integration tests download this picture (test_image_inputs and friends) and,
 # with supports_image_urls, pass the URL itself to the model. We serve a local picture for
@@ -66,24 +66,6 @@ def offline_images(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(httpx.HTTPTransport, "handle_request", handle_request)
     monkeypatch.setattr(httpx.AsyncHTTPTransport, "handle_async_request", handle_async_request)
-
-
-@pytest.fixture(scope="module")
-def emulator():
-    """One emulator per test module (fast jobs); tests reset it before use."""
-    with FalEmulator(service_time=0.01) as emu:
-        yield emu
-
-
-@pytest.fixture
-def emu(emulator: FalEmulator, monkeypatch: pytest.MonkeyPatch) -> FalEmulator:
-    """The module's emulator, reset, with FAL_* pointing at it for this test."""
-    emulator.reset()
-    for name in ("FAL_KEY_ID", "FAL_KEY_SECRET"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in emulator.env().items():
-        monkeypatch.setenv(name, value)
-    return emulator
 
 
 @pytest.fixture(scope="session")

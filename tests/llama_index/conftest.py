@@ -1,6 +1,6 @@
-"""Fixtures for the LlamaIndex adapter tests: one FalEmulator for the folder, its environment
-for every test, a ``Mantis`` pointed at it, and helpers that read back
-what the emulator received (prompt and images, in order)."""
+"""Fixtures for the LlamaIndex adapter tests: a ``Mantis`` pointed at the FalEmulator (the
+``emulator``/``emu`` fixtures are in tests/conftest.py), test images, and helpers that read
+back what the emulator received (prompt and images, in order)."""
 
 from __future__ import annotations
 
@@ -16,24 +16,6 @@ from mantis_llm.emulator import FalEmulator
 # Distinct sizes, so an image found in a payload tells which input it was.
 SIZES = {"red": (64, 48), "blue": (80, 60), "green": (50, 70), "yellow": (72, 40)}
 COLORS = {"red": (200, 30, 30), "blue": (30, 30, 200), "green": (30, 160, 30), "yellow": (220, 200, 20)}
-
-
-@pytest.fixture(scope="session")
-def emulator():
-    with FalEmulator(service_time=0.01) as emu:
-        yield emu
-
-
-@pytest.fixture
-def emu(emulator, monkeypatch):
-    """The emulator, reset, with FAL_* pointing at it for this test."""
-    emulator.reset()
-    for k in ("FAL_KEY_ID", "FAL_KEY_SECRET"):
-        monkeypatch.delenv(k, raising=False)
-    for k, v in emulator.env().items():
-        monkeypatch.setenv(k, v)
-    yield emulator
-    emulator.reset()
 
 
 @pytest.fixture
