@@ -206,26 +206,17 @@ async def test_async_invoke_and_stream(chat, emu):
     assert full.response_metadata["model_name"] == "fal-ai/mantis-llava-7b-v11"
 
 
-def test_async_paths_do_not_block_the_event_loop(emu):
+def test_async_paths_do_not_block_the_event_loop(emu, loop_ticker):
     emu.service_time = 0.3
     chat = ChatMantis()
     msg = looks_at("slow", {"type": "image", "url": URL_A})
 
     async def main() -> int:
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        task = asyncio.create_task(ticker())
-        await chat.ainvoke([msg])
-        async for _ in chat.astream([msg]):
-            pass
-        task.cancel()
-        return ticks
+        async with loop_ticker(0.01) as ticker:
+            await chat.ainvoke([msg])
+            async for _ in chat.astream([msg]):
+                pass
+        return ticker.ticks
 
     try:
         assert asyncio.run(main()) > 10  # ~0.6 s of generation: ~60 ticks if the loop kept running

@@ -398,30 +398,21 @@ def test_progress_updates_reach_events_and_callback(emu, png_bytes):
     m.close()
 
 
-async def test_async_calls_run_concurrently_without_blocking_the_loop(emu, png_bytes):
+async def test_async_calls_run_concurrently_without_blocking_the_loop(emu, png_bytes, loop_ticker):
     emu.service_time = 0.3
-    ticks = 0
-
-    async def ticker():
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
-
-    task = asyncio.create_task(ticker())
     try:
-        m = Mantis()
-        start = time.perf_counter()
-        results = await asyncio.gather(*(
-            m.achat([user(ImageBlock(image=png_bytes), f"question {i}")]) for i in range(4)
-        ))
-        elapsed = time.perf_counter() - start
+        async with loop_ticker(0.01) as ticker:
+            m = Mantis()
+            start = time.perf_counter()
+            results = await asyncio.gather(*(
+                m.achat([user(ImageBlock(image=png_bytes), f"question {i}")]) for i in range(4)
+            ))
+            elapsed = time.perf_counter() - start
     finally:
-        task.cancel()
         emu.service_time = 0.01
     assert len({r.raw["request_id"] for r in results}) == 4
     assert elapsed < 1.0  # four 0.3 s jobs, run one after another, would take 1.2 s
-    assert ticks >= elapsed / 0.01 * 0.5  # the loop kept ticking
+    assert ticker.ticks >= elapsed / 0.01 * 0.5  # the loop kept ticking
     await m.aclose()
 
 

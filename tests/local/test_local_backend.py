@@ -298,25 +298,14 @@ async def test_async_paths(clip_backend, mixed_requests):
     assert [r.text for r in batched] == expected
 
 
-async def test_async_does_not_block_the_loop(clip_backend, make_image):
-    ticks = 0
-
-    async def ticker():
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.005)
-            ticks += 1
-
-    task = asyncio.create_task(ticker())
-    try:
+async def test_async_does_not_block_the_loop(clip_backend, make_image, loop_ticker):
+    async with loop_ticker(0.005) as ticker:
         start = time.monotonic()
         await clip_backend.agenerate(ask("Long answer.", [make_image()], max_tokens=150))
         async for _ in clip_backend.astream(ask("Long answer.", [make_image()], max_tokens=150)):
             pass
         elapsed = time.monotonic() - start
-    finally:
-        task.cancel()
-    assert ticks >= max(3, elapsed / 0.005 / 10)
+    assert ticker.ticks >= max(3, elapsed / 0.005 / 10)
 
 
 async def test_cancelled_agenerate_stops_quickly(clip_backend, make_image):
