@@ -5,7 +5,6 @@ helpers that list this process's threads and TCP sockets (from /proc, no psutil)
 
 from __future__ import annotations
 
-import io
 import os
 import socket
 import threading
@@ -19,18 +18,14 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mantis_llm.emulator import FalEmulator  # noqa: E402
+from mantis_llm.testing import make_image_bytes  # noqa: E402
 
 FAL_ENV = ("FAL_KEY", "FAL_KEY_ID", "FAL_KEY_SECRET", "FAL_QUEUE_URL", "FAL_RUN_URL", "FAL_REST_URL", "FAL_CDN_URL")
 
 
 def png(width: int = 40, height: int = 30, color=(10, 160, 90), fmt: str = "PNG") -> bytes:
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (width, height), color)
-    ImageDraw.Draw(img).line((0, 0, width, height), fill=(255, 255, 255), width=2)
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
+    """``make_image_bytes`` with this suite's defaults (a small green picture)."""
+    return make_image_bytes(width, height, color, fmt)
 
 
 # ----------------------------------------------------------------------------- emulator
