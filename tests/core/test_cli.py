@@ -113,7 +113,6 @@ def test_entry_points_exit_2_without_key(entry, image_files):
 
 @pytest.fixture
 def emu(monkeypatch):
-    pytest.importorskip("mantis_llm.backends.fal", reason="the fal backend has not landed yet")
     from mantis_llm.emulator import FalEmulator
 
     with FalEmulator(key=None, service_time=0.02) as emulator:
@@ -182,7 +181,6 @@ def test_ask_backend_failure_exits_1(capsys, emu, image_files):
 
 
 def test_ask_bad_key_exits_2(capsys, monkeypatch, image_files):
-    pytest.importorskip("mantis_llm.backends.fal", reason="the fal backend has not landed yet")
     from mantis_llm.emulator import FalEmulator
 
     with FalEmulator() as emulator:  # accepts only its own key
@@ -196,7 +194,6 @@ def test_ask_bad_key_exits_2(capsys, monkeypatch, image_files):
 
 
 def test_ctrl_c_exits_130_without_traceback(image_files):
-    pytest.importorskip("mantis_llm.backends.fal", reason="the fal backend has not landed yet")
     import os
     import signal
     import time
