@@ -63,6 +63,11 @@ from dataclasses import asdict
 from operator import itemgetter
 from typing import Any, AsyncIterator, Callable, Iterator, Literal, Optional, Sequence, Union
 
+try:
+    import langchain_core  # noqa: F401
+except ImportError as exc:  # the optional extra is not installed
+    raise ImportError(f"mantis_llm.langchain needs langchain-core: pip install \"mantis-llm[langchain]\" ({exc})") from exc
+
 from langchain_core.callbacks import (
     AsyncCallbackManager,
     AsyncCallbackManagerForLLMRun,

@@ -43,6 +43,11 @@ import logging
 import threading
 from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
+try:
+    import llama_index.core  # noqa: F401
+except ImportError as exc:  # the optional extra is not installed
+    raise ImportError(f"mantis_llm.llama_index needs llama-index-core: pip install \"mantis-llm[llama-index]\" ({exc})") from exc
+
 from llama_index.core.base.llms.generic_utils import image_node_to_image_block
 from llama_index.core.base.llms.types import (
     CachePoint,

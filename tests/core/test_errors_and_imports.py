@@ -55,3 +55,16 @@ def test_import_does_not_pull_heavy_modules():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize(
+    "adapter, framework, extra",
+    [("mantis_llm.langchain", "langchain_core", "langchain"), ("mantis_llm.llama_index", "llama_index", "llama-index")],
+)
+def test_adapter_without_its_extra_says_what_to_install(adapter, framework, extra):
+    # A None entry in sys.modules makes `import framework` fail as if it were not installed.
+    code = f"import sys; sys.modules[{framework!r}] = None; import {adapter}"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: ") and f'pip install "mantis-llm[{extra}]"' in last
