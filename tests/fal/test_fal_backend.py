@@ -324,6 +324,29 @@ def test_retry_after_is_honoured_and_submit_retried_when_rejected(emu, make):
     assert routes(emu).count("submit") == 3 and len(emu.submissions) == 1
 
 
+@pytest.mark.parametrize("use_async", [False, True])
+async def test_stream_post_is_retried_only_when_rejected(emu, make, use_async):
+    emu.faults = Faults(retry_after=0.15)
+    emu.inject("429", route="run_stream")
+    emu.inject("503", route="run_stream")
+    emu.script(["a b c d e f"])
+    b = make(mode="stream")
+    t0 = time.perf_counter()
+    chunks = [c async for c in b.astream(req())] if use_async else list(b.stream(req()))
+    assert time.perf_counter() - t0 >= 0.15  # Retry-After honoured
+    assert "".join(c.text for c in chunks) == "a b c d e f"
+    assert chunks[-1].response.metrics["retries"] == 2
+    assert routes(emu) == ["run_stream"] * 3 and len(emu.submissions) == 1
+    emu.inject("500", route="run_stream")  # fal's own 500 on a POST: the job may exist, not resent
+    with pytest.raises(errors.BackendError) as ei:
+        b.generate(req())
+    assert ei.value.status_code == 500 and "Internal Server Error" in str(ei.value)
+    assert routes(emu).count("run_stream") == 4
+    with pytest.raises(errors.InvalidRequestError) as ei:  # the 422 body, read from the stream
+        make(mode="stream", extra_input={"temperature": 5}).generate(req())
+    assert ei.value.status_code == 422 and "temperature" in str(ei.value)
+
+
 def test_reads_are_retried_through_a_fault_storm_without_duplicate_jobs(emu, make):
     emu.faults = Faults(error_503=0.3, drop=0.2, routes=frozenset({"stream", "status", "result"}), seed=3)
     b = make(max_retries=8)

@@ -499,16 +499,18 @@ class Call:
 
     # -- one HTTP step with retries --------------------------------------------------
 
-    def call(self, step: str, kind: str, build: Callable[[float], httpx.Request], *, cap: float | None = STEP_TIMEOUT) -> Flow:
+    def call(self, step: str, kind: str, build: Callable[[float], httpx.Request], *,
+             cap: float | None = STEP_TIMEOUT, stream: bool = False) -> Flow:
         """Send ``build(timeout)`` until it succeeds, retrying what ``kind`` allows.
 
-        Returns the successful response; raises the typed error otherwise.
+        Returns the successful response (with ``stream``: its body not read yet); raises the
+        typed error otherwise.
         """
         attempt = 0
         while True:
             left = self.check_deadline()
             req = build(left if cap is None else min(cap, left))
-            result = yield Send(req)
+            result = yield Send(req, stream)
             if isinstance(result, httpx.HTTPError):
                 logger.debug("fal %s %s %s -> %s", step, req.method, req.url, type(result).__name__)
                 if isinstance(result, httpx.TimeoutException) and self.remaining() <= 0.01:
@@ -524,6 +526,8 @@ class Call:
             logger.debug("fal %s %s %s -> %s", step, req.method, req.url, result.status_code)
             if result.is_success:
                 return result
+            if stream:
+                result = yield from self.read_whole(result)
             if attempt < self.cfg.max_retries and should_retry_response(kind, result):
                 delay = parse_retry_after(result.headers.get("retry-after"))
                 delay = backoff_delay(attempt, self.rng) if delay is None else min(delay, RETRY_AFTER_CAP)
@@ -533,6 +537,19 @@ class Call:
                     yield Sleep(delay)
                     continue
             raise error_for_response(result, step=step, endpoint=self.cfg.endpoint, request_id=self.request_id)
+
+    def read_whole(self, resp: httpx.Response) -> Flow:
+        """A streamed (error) answer read to its end and closed, as a plain response."""
+        body = b""
+        while True:
+            piece = yield Read(resp, max(min(self.remaining(), STEP_TIMEOUT), 0.001))
+            if not isinstance(piece, bytes) or not piece:
+                break
+            body += piece
+        yield Close(resp)
+        skip = ("content-encoding", "content-length", "transfer-encoding")
+        headers = {k: v for k, v in resp.headers.items() if k.lower() not in skip}
+        return httpx.Response(resp.status_code, headers=headers, content=body)
 
     def transport_error(self, step: str, kind: str, exc: httpx.HTTPError) -> MantisError:
         what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -831,7 +848,13 @@ def stream_flow(call: Call, image_options: Any, client: Any = None) -> Flow:
     """
     cfg = call.cfg
     payload = yield from build_payload(call, image_options, client)
-    resp = yield from open_run_stream(call, payload)
+    # Retried only when the answer proves no job started (a "post" step).
+    resp = yield from call.call(
+        "stream", "post",
+        lambda t: cfg.build("POST", f"{cfg.run_url}/{cfg.endpoint}/stream", json=payload,
+                            headers={"Accept": "text/event-stream"}, timeout=t),
+        cap=None, stream=True,
+    )
     call.request_id = call.metrics["request_id"] = resp.headers.get("x-fal-request-id")
     trimmer, decoder, text = StopTrimmer(call.request.params.stop), SSEDecoder(), ""
     finished = False
@@ -872,46 +895,6 @@ def stream_flow(call: Call, image_options: Any, client: Any = None) -> Flow:
     if rest:
         yield Emit(Chunk(text=rest))
     yield Emit(Chunk(text="", response=call.response(trimmer.text, trimmer.stopped)))
-
-
-def open_run_stream(call: Call, payload: dict) -> Flow:
-    """Open the ``/stream`` POST, retrying only answers that prove no job started."""
-    cfg, attempt = call.cfg, 0
-    while True:
-        left = call.check_deadline()
-        req = cfg.build("POST", f"{cfg.run_url}/{cfg.endpoint}/stream", json=payload,
-                        headers={"Accept": "text/event-stream"}, timeout=left)
-        resp = yield Send(req, stream=True)
-        if isinstance(resp, httpx.HTTPError):
-            if isinstance(resp, httpx.TimeoutException) and call.remaining() <= 0.01:
-                raise DeadlineExceeded
-            if attempt < cfg.max_retries and should_retry_exception("post", resp):
-                attempt += 1
-                call.metrics["retries"] += 1
-                yield Sleep(backoff_delay(attempt - 1, call.rng))
-                continue
-            raise call.transport_error("stream", "post", resp)
-        logger.debug("fal stream POST %s -> %s", req.url, resp.status_code)
-        if resp.is_success:
-            return resp
-        body = b""
-        while True:  # read the error body
-            piece = yield Read(resp, max(min(call.remaining(), STEP_TIMEOUT), 0.001))
-            if not isinstance(piece, bytes) or not piece:
-                break
-            body += piece
-        yield Close(resp)
-        headers = {k: v for k, v in resp.headers.items() if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")}
-        full = httpx.Response(resp.status_code, headers=headers, content=body)
-        if attempt < cfg.max_retries and should_retry_response("post", full):
-            delay = parse_retry_after(full.headers.get("retry-after"))
-            delay = backoff_delay(attempt, call.rng) if delay is None else min(delay, RETRY_AFTER_CAP)
-            if delay < call.remaining():
-                attempt += 1
-                call.metrics["retries"] += 1
-                yield Sleep(delay)
-                continue
-        raise error_for_response(full, step="stream", endpoint=cfg.endpoint, request_id=call.request_id)
 
 
 FLOWS = {"queue": queue_flow, "sync": sync_flow, "stream": stream_flow}
