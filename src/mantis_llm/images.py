@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import httpx
 
-from .errors import ConfigurationError, ImageError
+from .backends.base import check_option, is_positive_int
+from .errors import ImageError
 from .types import Image
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -75,20 +76,18 @@ class ImageOptions:
     max_redirects: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_pixels", "max_redirects"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "max_redirects" else 1):
-                what = "a non-negative" if name == "max_redirects" else "a positive"
-                raise ConfigurationError(f"ImageOptions.{name} must be {what} integer, not {v!r}")
-        if self.short_side is not None and (
-            isinstance(self.short_side, bool) or not isinstance(self.short_side, int) or self.short_side < 1
-        ):
-            raise ConfigurationError(f"ImageOptions.short_side must be a positive integer or None, not {self.short_side!r}")
+        def check(name: str, ok: bool, what: str) -> None:
+            check_option(ok, f"ImageOptions.{name}", what, getattr(self, name))
+
+        check("max_bytes", is_positive_int(self.max_bytes), "a positive integer")
+        check("max_pixels", is_positive_int(self.max_pixels), "a positive integer")
+        r = self.max_redirects
+        check("max_redirects", isinstance(r, int) and not isinstance(r, bool) and r >= 0, "a non-negative integer")
+        check("short_side", self.short_side is None or is_positive_int(self.short_side), "a positive integer or None")
         t = self.fetch_timeout
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
-            raise ConfigurationError(f"ImageOptions.fetch_timeout must be a positive number, not {t!r}")
-        if not isinstance(self.fetch_remote, bool):
-            raise ConfigurationError(f"ImageOptions.fetch_remote must be True or False, not {self.fetch_remote!r}")
+        check("fetch_timeout", not isinstance(t, bool) and isinstance(t, (int, float)) and 0 < t < float("inf"),
+              "a positive number")
+        check("fetch_remote", isinstance(self.fetch_remote, bool), "True or False")
 
 
 DEFAULT_OPTIONS = ImageOptions()

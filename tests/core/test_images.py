@@ -184,6 +184,20 @@ def test_options_validate():
             ImageOptions(**bad)
 
 
+@pytest.mark.parametrize("bad, message", [
+    ({"max_bytes": 1.0}, "ImageOptions.max_bytes must be a positive integer, not 1.0"),
+    ({"max_redirects": False}, "ImageOptions.max_redirects must be a non-negative integer, not False"),
+    ({"short_side": "672"}, "ImageOptions.short_side must be a positive integer or None, not '672'"),
+    ({"fetch_timeout": float("inf")}, "ImageOptions.fetch_timeout must be a positive number, not inf"),
+    ({"fetch_remote": 1}, "ImageOptions.fetch_remote must be True or False, not 1"),
+])  # fmt: skip
+def test_options_errors_name_the_field_and_value(bad, message):
+    with pytest.raises(ConfigurationError) as info:
+        ImageOptions(**bad)
+    assert str(info.value) == message
+    assert ImageOptions(max_redirects=0, short_side=None, fetch_timeout=0.5).max_redirects == 0
+
+
 # --- decoding, formats, resizing -----------------------------------------------------
 
 
