@@ -95,7 +95,7 @@ from langchain_core.utils.function_calling import convert_to_json_schema
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, model_validator
 
-from .backends import DEFAULT_FAL_ENDPOINT, DEFAULT_LOCAL_MODEL, Backend, resolve_backend
+from .backends import DEFAULT_FAL_ENDPOINT, Backend, resolve_backend, resolve_model
 from .errors import ConfigurationError, ImageError, InvalidRequestError, from_validation_error
 from .types import Conversation, GenerationParams, Image, Request, Response, Turn, Update
 
@@ -405,10 +405,7 @@ class ChatMantis(BaseChatModel):
     @model_validator(mode="after")
     def _default_model_for_backend(self) -> "ChatMantis":
         if "model" not in self.model_fields_set:
-            if isinstance(self.backend, Backend):
-                self.model = self.backend.model
-            elif self.backend == "local":
-                self.model = DEFAULT_LOCAL_MODEL
+            self.model = resolve_model(self.backend)
         clash = sorted(set(self.backend_options) & set(_BUILT_BY_FIELDS))
         if clash:
             raise ConfigurationError(

@@ -85,7 +85,7 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.multi_modal_llms import MultiModalLLM, MultiModalLLMMetadata
 from llama_index.core.schema import ImageDocument, ImageNode
 
-from .backends import BACKEND_NAMES, DEFAULT_FAL_ENDPOINT, DEFAULT_LOCAL_MODEL, Backend, resolve_backend
+from .backends import BACKEND_NAMES, DEFAULT_FAL_ENDPOINT, Backend, resolve_backend, resolve_model
 from .errors import ConfigurationError, ImageError, InvalidRequestError, from_validation_error
 from .types import Conversation, GenerationParams, Image, Part, Request, Response, Turn, Update
 
@@ -422,11 +422,7 @@ class _MantisBase(BaseModel):
     @property
     def _model_name(self) -> str:
         """The model that will answer (without building the backend)."""
-        if isinstance(self.backend, Backend):
-            return self.backend.model
-        if self.backend != "fal" and self.model == DEFAULT_FAL_ENDPOINT:
-            return DEFAULT_LOCAL_MODEL  # as resolve_backend maps it
-        return self.model
+        return resolve_model(self.backend, self.model)
 
     # -- the four ways to run; ``make`` builds a ChatResponse or a CompletionResponse
 

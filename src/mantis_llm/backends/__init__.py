@@ -29,18 +29,25 @@ def resolve_backend(backend: "str | Backend", model: str | None = None, **option
     if backend == "fal":
         from .fal import FalBackend
 
-        return FalBackend(endpoint=model or DEFAULT_FAL_ENDPOINT, **options)
+        return FalBackend(endpoint=resolve_model(backend, model), **options)
     if backend in ("local", "transformers"):
         from .transformers import TransformersBackend
 
-        if model in (None, DEFAULT_FAL_ENDPOINT):
-            model = DEFAULT_LOCAL_MODEL
         for fal_only in ("api_key", "max_retries", "timeout"):
             options.pop(fal_only, None)
-        return TransformersBackend(model=model, **options)
+        return TransformersBackend(model=resolve_model(backend, model), **options)
     raise ConfigurationError(
         f"unknown backend {backend!r}: expected one of {BACKEND_NAMES} or a Backend instance"
     )
+
+
+def resolve_model(backend: "str | Backend", model: str | None = None) -> str:
+    """The model :func:`resolve_backend` runs for these arguments, found without building it."""
+    if isinstance(backend, Backend):
+        return backend.model
+    if backend in ("local", "transformers"):
+        return DEFAULT_LOCAL_MODEL if model in (None, DEFAULT_FAL_ENDPOINT) else model
+    return model or DEFAULT_FAL_ENDPOINT
 
 
 def __getattr__(name: str):  # lazy: `from mantis_llm.backends import FalBackend`
@@ -59,6 +66,7 @@ __all__ = [
     "Backend",
     "OnUpdate",
     "resolve_backend",
+    "resolve_model",
     "DEFAULT_FAL_ENDPOINT",
     "DEFAULT_LOCAL_MODEL",
     "FalBackend",
