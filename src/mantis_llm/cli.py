@@ -102,19 +102,12 @@ class _Progress:
 
 
 def _as_json(response: Response) -> str:
-    usage = response.usage
     return json.dumps(
         {
             "text": response.text,
             "model": response.model,
             "finish_reason": response.finish_reason,
-            "usage": None
-            if usage is None
-            else {
-                "input_tokens": usage.input_tokens,
-                "output_tokens": usage.output_tokens,
-                "total_tokens": usage.total_tokens,
-            },
+            "usage": None if response.usage is None else response.usage.as_dict(),
             "request_id": response.request_id,
         },
         ensure_ascii=False,

@@ -575,12 +575,7 @@ class ChatMantis(BaseChatModel):
 
     @staticmethod
     def _usage(response: Response) -> Optional[UsageMetadata]:
-        if response.usage is None:
-            return None
-        u = response.usage
-        return UsageMetadata(
-            input_tokens=u.input_tokens, output_tokens=u.output_tokens, total_tokens=u.total_tokens
-        )
+        return None if response.usage is None else UsageMetadata(**response.usage.as_dict())
 
     def _result(self, response: Response, backend: Backend) -> ChatResult:
         message = AIMessage(
