@@ -25,7 +25,7 @@ import hashlib
 import io
 import struct
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -501,17 +501,13 @@ class _Download:
         except httpx.TimeoutException:
             raise self.error(f"timed out after {self.options.fetch_timeout:g} s") from None
         except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
-            detail = type(exc).__name__
-            raise self.error(detail) from None
+            raise self.error(type(exc).__name__) from None
 
 
 def fetch(url: str, options: ImageOptions = DEFAULT_OPTIONS, *, client: httpx.Client | None = None) -> bytes:
     """Download an http(s) image with limits (timeouts, redirects, size, type)."""
     dl = _Download(url, options)
-    own = client is None
-    if own:
-        client = httpx.Client(timeout=dl.timeout())
-    try:
+    with httpx.Client(timeout=dl.timeout()) if client is None else nullcontext(client) as client:
         while True:
             with dl.translate():
                 resp = client.send(dl.request(client), stream=True, follow_redirects=False, auth=httpx.Auth())
@@ -523,9 +519,6 @@ def fetch(url: str, options: ImageOptions = DEFAULT_OPTIONS, *, client: httpx.Cl
                 finally:
                     resp.close()
             return dl.finish()
-    finally:
-        if own:
-            client.close()
 
 
 async def afetch(
@@ -533,10 +526,7 @@ async def afetch(
 ) -> bytes:
     """Async :func:`fetch`."""
     dl = _Download(url, options)
-    own = client is None
-    if own:
-        client = httpx.AsyncClient(timeout=dl.timeout())
-    try:
+    async with httpx.AsyncClient(timeout=dl.timeout()) if client is None else nullcontext(client) as client:
         while True:
             with dl.translate():
                 resp = await client.send(dl.request(client), stream=True, follow_redirects=False, auth=httpx.Auth())
@@ -548,9 +538,6 @@ async def afetch(
                 finally:
                     await resp.aclose()
             return dl.finish()
-    finally:
-        if own:
-            await client.aclose()
 
 
 __all__ = [
