@@ -134,8 +134,9 @@ class Submission:
 @dataclass
 class Faults:
     """Fault injection. Fractions are per request (one seeded roll per request picks at most
-    one of drop/503/500/429; ``slow`` is rolled separately); ``job_error``/``hang`` per job.
-    ``routes`` limits request faults to those route names (see ``ROUTES``); None = all.
+    one of drop/503/500/429/drop_after_accept/cut; ``slow`` is rolled separately);
+    ``job_error``/``hang`` per job. ``routes`` limits request faults to those route names
+    (see ``ROUTES``); None = all.
     Faults on submit happen before the job is accepted, except ``drop_after_accept``."""
 
     error_500: float = 0.0
@@ -247,8 +248,6 @@ class FalEmulator:
     apply to later requests/jobs). Records: ``requests``, ``submissions``, ``cancelled``, ``uploads``.
     """
 
-    digest_size = 8
-
     def __init__(
         self,
         *,
@@ -267,7 +266,6 @@ class FalEmulator:
         self.apps = None if apps is None else set(apps)
         self._lock = threading.RLock()
         self._sched = threading.Condition(self._lock)
-        self._faults = Faults()
         self.faults = faults if faults is not None else Faults()
         if hang:
             self.faults = replace(self.faults, hang=1.0)
@@ -294,7 +292,7 @@ class FalEmulator:
         h = hashlib.sha256(prompt.encode())
         for url in image_urls:
             h.update(b"\0" + url.encode())
-        return h.hexdigest()[: FalEmulator.digest_size]
+        return h.hexdigest()[:8]
 
     @property
     def url(self) -> str:
@@ -462,7 +460,8 @@ class FalEmulator:
         if moved:
             for job in self._queue:
                 job.bump()  # queue positions changed
-        times = [t for j in self._running for t in ([j.deadline] + [p[0] for p in j.pending_logs][:1]) if t]
+        times = [j.deadline for j in self._running if j.deadline is not None]
+        times += [j.pending_logs[0][0] for j in self._running if j.pending_logs]
         times += [j.start_by for j in self._queue if j.start_by is not None]
         return min(times) if times else None
 
