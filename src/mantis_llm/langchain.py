@@ -246,10 +246,6 @@ def _json_instruction(schema: Optional[dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------- callbacks
 
 
-def _event_data(update: Update) -> dict[str, Any]:
-    return asdict(update)
-
-
 def _update_sender(
     run_manager: Optional[CallbackManagerForLLMRun], user: Optional[Callable[[Update], None]]
 ) -> Optional[Callable[[Update], None]]:
@@ -269,7 +265,7 @@ def _update_sender(
     def send(update: Update) -> None:
         if user is not None:
             user(update)
-        manager.on_custom_event(QUEUE_UPDATE_EVENT, _event_data(update), run_id=run_manager.run_id)
+        manager.on_custom_event(QUEUE_UPDATE_EVENT, asdict(update), run_id=run_manager.run_id)
 
     return send
 
@@ -296,7 +292,7 @@ async def _aupdate_sender(
     async def pump() -> None:
         while (update := await queue.get()) is not None:
             await manager.on_custom_event(
-                QUEUE_UPDATE_EVENT, _event_data(update), run_id=run_manager.run_id
+                QUEUE_UPDATE_EVENT, asdict(update), run_id=run_manager.run_id
             )
 
     def send(update: Update) -> None:
@@ -487,7 +483,7 @@ class ChatMantis(BaseChatModel):
                     slot.backend = resolve_backend(
                         self.backend,
                         self.model,
-                        api_key=self.api_key.get_secret_value() if self.api_key else None,
+                        api_key=self.api_key or None,  # an empty key means FAL_KEY / FAL_KEY_ID+SECRET
                         timeout=self.timeout,
                         max_retries=self.max_retries,
                         **self.backend_options,

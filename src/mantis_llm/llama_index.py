@@ -361,11 +361,10 @@ class _MantisBase(BaseModel):
         if self._backend is None:
             with _build_lock:
                 if self._backend is None:
-                    key = self.api_key.get_secret_value() if self.api_key is not None else None
                     self._backend = resolve_backend(
                         self.backend,
                         self.model,
-                        api_key=key,
+                        api_key=self.api_key,  # FalBackend takes the SecretStr as it is
                         timeout=self.timeout,
                         max_retries=self.max_retries,
                         **self.backend_options,

@@ -542,6 +542,15 @@ def test_key_aliases_and_environment(monkeypatch):
     assert ChatMantis().api_key is None  # FAL_KEY_ID/FAL_KEY_SECRET are left to the backend
 
 
+def test_empty_key_falls_back_to_the_environment(monkeypatch):
+    monkeypatch.delenv("FAL_KEY", raising=False)
+    monkeypatch.setenv("FAL_KEY_ID", "kid")
+    monkeypatch.setenv("FAL_KEY_SECRET", "ksecret")
+    chat = ChatMantis(api_key="")
+    assert chat.get_backend().api_key.get_secret_value() == "kid:ksecret"
+    chat.close()
+
+
 def test_backend_is_built_once_reused_and_not_copied(chat, emu):
     msg = [looks_at("x", {"type": "image", "url": URL_A})]
     assert chat._get_ls_params()["ls_provider"] == "fal" and chat._slot.backend is None  # nothing built yet

@@ -331,6 +331,16 @@ async def test_bad_key_is_an_authentication_error(emu, png_bytes):
     assert emu.submissions == []
 
 
+def test_api_key_reaches_the_backend_and_an_empty_one_is_refused(monkeypatch):
+    monkeypatch.setenv("FAL_KEY", "env-key")
+    for cls in CLASSES:
+        m = cls(api_key="given-key")
+        assert m._get_backend().api_key.get_secret_value() == "given-key"
+        m.close()
+        with pytest.raises(ConfigurationError, match="api_key is empty"):
+            cls(api_key="")._get_backend()
+
+
 def test_unsupported_block_fails_before_any_request(model, emu):
     msgs = [ChatMessage(content="hello"), user("listen", AudioBlock(audio=b"RIFF0000WAVE", format="wav"))]
     with pytest.raises(InvalidRequestError) as exc:
