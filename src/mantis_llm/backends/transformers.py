@@ -79,7 +79,6 @@ class _Loaded:
     device: Any
     pad_id: int
     eos_ids: frozenset[int]
-    image_token_id: int
     tokens_per_image: int
     wrapper_tokens: int  # text tokens of "(image j: <Image>...</Image>) " around each image
     context: int
@@ -350,12 +349,11 @@ class TransformersBackend(Backend):
         )
         if isinstance(pad_id, (list, tuple)):
             pad_id = pad_id[0]
-        image_token_id = config.image_token_index
         # count how many positions one image really takes, through the real processor
         from PIL import Image as PILImage
 
         probe = processor(text=[processor.image_token], images=[PILImage.new("RGB", (64, 64))], return_tensors="pt")
-        tokens_per_image = int((probe["input_ids"][0] == image_token_id).sum())
+        tokens_per_image = int((probe["input_ids"][0] == config.image_token_index).sum())
         wrapper = f"(image 1: <Image>{processor.image_token}</Image>) "
         wrapper_tokens = len(tokenizer(wrapper, add_special_tokens=False)["input_ids"]) - 1
         context = self.max_context or int(getattr(config.text_config, "max_position_embeddings", 4096))
@@ -365,8 +363,8 @@ class TransformersBackend(Backend):
         )  # fmt: skip
         return _Loaded(
             torch=torch, model=model, processor=processor, tokenizer=tokenizer, device=model.device,
-            pad_id=int(pad_id), eos_ids=frozenset(int(e) for e in eos), image_token_id=image_token_id,
-            tokens_per_image=tokens_per_image, wrapper_tokens=wrapper_tokens, context=context,
+            pad_id=int(pad_id), eos_ids=frozenset(int(e) for e in eos), tokens_per_image=tokens_per_image,
+            wrapper_tokens=wrapper_tokens, context=context,
             stopping_list=tf.StoppingCriteriaList,
         )  # fmt: skip
 
@@ -406,8 +404,7 @@ class TransformersBackend(Backend):
                 f"{st.tokens_per_image} tokens + {text_tokens} text tokens = {needed} tokens, plus {asked}; "
                 f"with this text and max_tokens at most {fit} image(s) fit"
             )
-        labels = [label for label, _ in labeled_images(request.conversation)]
-        pil = [load_pil(img, self.image_options, label=label) for img, label in zip(rendered.images, labels)]
+        pil = [load_pil(img, self.image_options, label=label) for label, img in labeled_images(request.conversation)]
         try:
             enc = st.processor(text=[rendered.text], images=pil or None, return_tensors="pt")
         except Exception as exc:  # images were validated already: this is unexpected
@@ -672,7 +669,7 @@ class TransformersBackend(Backend):
             inputs["pixel_values"] = torch.cat(pixels).to(st.device, st.model.dtype)
 
         first = jobs[0]
-        tracker = _RowTracker(self, jobs, len(jobs))
+        tracker = _RowTracker(self, jobs)
         gen_kwargs: dict[str, Any] = dict(self.generate_kwargs)
         gen_kwargs.update(
             max_new_tokens=max(j.max_new for j in jobs),
@@ -739,15 +736,14 @@ class _RowTracker:
     stop string and an incomplete UTF-8 tail) and hands finished rows to the backend at once.
     """
 
-    def __init__(self, backend: TransformersBackend, jobs: list[_Job], batch_size: int) -> None:
+    def __init__(self, backend: TransformersBackend, jobs: list[_Job]) -> None:
         self.backend = backend
         self.state = backend._state
         self.rows = [_Row(job) for job in jobs]
-        self.batch_size = batch_size
 
     def finish(self, row: _Row, reason: str, text: str | None = None) -> None:
         row.done = True
-        self.backend._finish_row(row.job, row.ids, reason, self.batch_size, text)
+        self.backend._finish_row(row.job, row.ids, reason, len(self.rows), text)
 
     def __call__(self, input_ids, scores=None, **kwargs):
         st = self.state
