@@ -34,7 +34,7 @@ logger = logging.getLogger("mantis_llm.fal")
 Mode = Literal["queue", "sync", "stream"]
 _UNSET: Any = object()
 _LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=100)
-_STREAM_ERRORS = (httpx.HTTPError, httpx.StreamError)
+_STREAM_ERRORS = (httpx.HTTPError, httpx.StreamError)  # what reading a streamed body raises
 _SHARD_CALLS = 16  # concurrent calls per pooled AsyncClient (see FalBackend._async_client)
 
 
@@ -72,6 +72,11 @@ def _url(value: str | None, env: str, default: str) -> str:
     if not url.startswith(("http://", "https://")):
         raise ConfigurationError(f"{name} {url!r} must be an http(s) URL")
     return url
+
+
+def _read_error(exc: Exception) -> httpx.HTTPError:
+    """A failed body read as the value a ``Read`` action answers (both drivers)."""
+    return exc if isinstance(exc, httpx.HTTPError) else httpx.ReadError(str(exc))
 
 
 async def _close_at_shutdown(shards: dict[httpx.AsyncClient, int]) -> AsyncIterator[None]:
@@ -319,12 +324,12 @@ class FalBackend(Backend):
 
     # ------------------------------------------------------------------ drivers
 
-    def _call(self, request: Request, on_update: OnUpdate | None, mode: str | None = None):
+    def _call(self, request: Request, on_update: OnUpdate | None):
         call = proto.Call(self._config, self._state, require_request(self, request), on_update=on_update)
-        call.metrics["mode"] = mode or self.mode
+        call.metrics["mode"] = self.mode
         # Only with fetch_remote do we download images (from their own hosts, without our key).
         fetcher = self._sync_client() if self.image_options.fetch_remote else None
-        return proto.run_flow(mode or self.mode, call, self.image_options, fetcher)
+        return proto.run_flow(self.mode, call, self.image_options, fetcher)
 
     def _drive(self, flow, client: httpx.Client) -> Iterator[Chunk]:
         """Run a flow with blocking I/O, yielding its chunks."""
@@ -351,7 +356,7 @@ class FalBackend(Backend):
                         try:
                             value = next(streams[id(action.response)][1], b"")
                         except _STREAM_ERRORS as exc:
-                            value = exc if isinstance(exc, httpx.HTTPError) else httpx.ReadError(str(exc))
+                            value = _read_error(exc)
                     elif isinstance(action, proto.Close):
                         entry = streams.pop(id(action.response), None)
                         if entry:
@@ -414,7 +419,7 @@ class FalBackend(Backend):
                         except asyncio.TimeoutError:
                             value = httpx.ReadTimeout("no data before the deadline")
                         except _STREAM_ERRORS as exc:
-                            value = exc if isinstance(exc, httpx.HTTPError) else httpx.ReadError(str(exc))
+                            value = _read_error(exc)
                     elif isinstance(action, proto.Close):
                         entry = streams.pop(id(action.response), None)
                         if entry:
