@@ -8,18 +8,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from mantis_llm.testing import make_image_bytes
 
-def _png() -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 48), (10, 200, 10)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-PNG = _png()
+PNG = make_image_bytes(64, 48, (10, 200, 10))
 
 
 class _Handler(BaseHTTPRequestHandler):
