@@ -67,8 +67,6 @@ STATUS_STREAM_IDLE = 5.0  # reopen a silent status stream after this long (bound
 POLL_START, POLL_GROWTH, POLL_MAX = 0.02, 1.3, 1.0  # adaptive polling interval (seconds)
 STREAM_REOPENS = 3  # status streams that end without COMPLETED, in a row, before polling instead
 
-KNOWN_STATUSES = ("IN_QUEUE", "IN_PROGRESS", "COMPLETED")
-
 
 # --------------------------------------------------------------------------- actions
 
@@ -106,7 +104,6 @@ class Emit:
     chunk: Chunk
 
 
-Action = "Send | Read | Close | Sleep | Offload | Emit"
 Flow = Generator[Any, Any, Any]
 
 
