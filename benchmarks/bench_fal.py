@@ -42,7 +42,8 @@ def emulator(service_time: float):
     """A standalone emulator process; yields its environment (FAL_KEY, FAL_QUEUE_URL, ...)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "mantis_llm.emulator", "--service-time", str(service_time)],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     env = {}
     try:
@@ -74,8 +75,14 @@ def timed(fn, n: int) -> list[float]:
 
 
 def backend(env: dict, **kw) -> FalBackend:
-    return FalBackend(api_key=env["FAL_KEY"], queue_url=env["FAL_QUEUE_URL"], run_url=env["FAL_RUN_URL"],
-                      rest_url=env["FAL_REST_URL"], cdn_url=env["FAL_CDN_URL"], **kw)
+    return FalBackend(
+        api_key=env["FAL_KEY"],
+        queue_url=env["FAL_QUEUE_URL"],
+        run_url=env["FAL_RUN_URL"],
+        rest_url=env["FAL_REST_URL"],
+        cdn_url=env["FAL_CDN_URL"],
+        **kw,
+    )
 
 
 def fal_client_subscribe(env: dict):
@@ -152,8 +159,10 @@ async def _floor_aiohttp(env: dict, k: int) -> float | None:
         import aiohttp
     except ImportError:
         return None
-    async with aiohttp.ClientSession(headers={"Authorization": f"Key {env['FAL_KEY']}"},
-                                     connector=aiohttp.TCPConnector(limit=0)) as s:
+    async with aiohttp.ClientSession(
+        headers={"Authorization": f"Key {env['FAL_KEY']}"}, connector=aiohttp.TCPConnector(limit=0)
+    ) as s:
+
         async def one():
             async with s.post(f"{env['FAL_QUEUE_URL']}/{ENDPOINT}", json=PAYLOAD) as r:
                 sub = await r.json()
@@ -173,6 +182,7 @@ async def _floor_aiohttp(env: dict, k: int) -> float | None:
 def part_c(k: int) -> dict:
     service = 0.1
     with emulator(service) as env:
+
         async def run(mode: str):
             b = backend(env, mode=mode)
             await b.agenerate_batch([request() for _ in range(k)])  # warm up the pools
@@ -192,8 +202,14 @@ def part_c(k: int) -> dict:
         _, wall_sync = asyncio.run(run("sync"))
         floor_httpx = asyncio.run(_floor_httpx(env, k))
         floor_aiohttp = asyncio.run(_floor_aiohttp(env, k))
-    return {"one": one, "wall": wall, "wall_sync": wall_sync, "floor_httpx": floor_httpx,
-            "floor_aiohttp": floor_aiohttp, "service": service}
+    return {
+        "one": one,
+        "wall": wall,
+        "wall_sync": wall_sync,
+        "floor_httpx": floor_httpx,
+        "floor_aiohttp": floor_aiohttp,
+        "service": service,
+    }
 
 
 def main() -> None:
@@ -204,25 +220,33 @@ def main() -> None:
     os.environ.setdefault("FAL_KEY", DEFAULT_KEY)
     a, b, c = part_a(ns.calls), part_b(ns.calls), part_c(ns.concurrent)
     ms = lambda s: f"{s * 1000:.1f} ms"  # noqa: E731
-    print(f"{date.today().isoformat()}, {platform.machine()} {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}, httpx {httpx.__version__}; emulator in its own process\n")
+    print(
+        f"{date.today().isoformat()}, {platform.machine()} {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}, httpx {httpx.__version__}; emulator in its own process\n"
+    )
     print("| figure | measured | ratio | goal |")
     print("|---|---|---|---|")
     for label, what in (("200", f"200 ms jobs (median of {ns.calls})"), ("sweep", "200-275 ms jobs (mean)")):
         x = a[label]
-        print(f"| (a) added latency per queue call, {what} | ours (SSE) {ms(x['sse'])}; fal_client.subscribe "
-              f"{ms(x['fal'])}; ours polling {ms(x['poll'])} | **{x['sse'] / x['fal']:.2f}x** "
-              f"(polling {x['poll'] / x['fal']:.2f}x) | <= 0.3x |")
-    print(f"| (b) sync-mode call vs bare httpx POST, 200 ms jobs (median of {ns.calls}) | ours {ms(b['ours'])}, "
-          f"bare {ms(b['bare'])} | **{b['ratio']:.3f}x** | <= 1.15x |")
+        print(
+            f"| (a) added latency per queue call, {what} | ours (SSE) {ms(x['sse'])}; fal_client.subscribe "
+            f"{ms(x['fal'])}; ours polling {ms(x['poll'])} | **{x['sse'] / x['fal']:.2f}x** "
+            f"(polling {x['poll'] / x['fal']:.2f}x) | <= 0.3x |"
+        )
+    print(
+        f"| (b) sync-mode call vs bare httpx POST, 200 ms jobs (median of {ns.calls}) | ours {ms(b['ours'])}, "
+        f"bare {ms(b['bare'])} | **{b['ratio']:.3f}x** | <= 1.15x |"
+    )
     ideal = c["service"]
     floors = f"bare-httpx flow {ms(c['floor_httpx'])} ({c['floor_httpx'] / ideal:.1f}x)"
     if c["floor_aiohttp"] is not None:
         floors += f", aiohttp flow {ms(c['floor_aiohttp'])} ({c['floor_aiohttp'] / ideal:.1f}x)"
-    print(f"| (c) {ns.concurrent} concurrent agenerate, 100 ms jobs (median of 3) | queue {ms(c['wall'])}, "
-          f"sync mode {ms(c['wall_sync'])}; one lone call {ms(c['one'])}; floors: {floors} | "
-          f"**{c['wall'] / ideal:.1f}x** ideal (sync mode {c['wall_sync'] / ideal:.1f}x; "
-          f"{c['wall'] / c['floor_httpx']:.2f}x the bare-httpx flow) | <= 1.3x |")
+    print(
+        f"| (c) {ns.concurrent} concurrent agenerate, 100 ms jobs (median of 3) | queue {ms(c['wall'])}, "
+        f"sync mode {ms(c['wall_sync'])}; one lone call {ms(c['one'])}; floors: {floors} | "
+        f"**{c['wall'] / ideal:.1f}x** ideal (sync mode {c['wall_sync'] / ideal:.1f}x; "
+        f"{c['wall'] / c['floor_httpx']:.2f}x the bare-httpx flow) | <= 1.3x |"
+    )
 
 
 if __name__ == "__main__":

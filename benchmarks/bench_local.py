@@ -34,7 +34,16 @@ SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
-COLORS = [(200, 30, 30), (30, 30, 200), (30, 160, 40), (220, 200, 20), (120, 40, 160), (20, 180, 180), (240, 120, 0), (90, 90, 90)]
+COLORS = [
+    (200, 30, 30),
+    (30, 30, 200),
+    (30, 160, 40),
+    (220, 200, 20),
+    (120, 40, 160),
+    (20, 180, 180),
+    (240, 120, 0),
+    (90, 90, 90),
+]
 
 
 def image_bytes(color, size=(320, 240)) -> bytes:
@@ -105,7 +114,9 @@ def main() -> None:
         backend = TransformersBackend(model=path).load()
         model, processor = backend.hf_model, backend.processor
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"model: {n_params / 1e6:.1f}M params, {backend.tokens_per_image} tokens/image, built+loaded in {time.perf_counter() - t0:.1f}s")
+        print(
+            f"model: {n_params / 1e6:.1f}M params, {backend.tokens_per_image} tokens/image, built+loaded in {time.perf_counter() - t0:.1f}s"
+        )
         print(f"machine: {machine()}")
 
         images = [image_bytes(c) for c in COLORS]

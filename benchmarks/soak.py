@@ -35,12 +35,10 @@ import io
 import os
 import platform
 import random
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any
 
 from mantis_llm import errors
 from mantis_llm.emulator import FalEmulator, Faults, expected_digest, expected_output
@@ -105,7 +103,9 @@ def make_requests(n: int, seed: int, url_host: str = "http://127.0.0.1:9") -> li
             p if isinstance(p, str) else Image(p[1] if p[0] == "url" else base64.b64decode(p[1])) for p in parts
         ]
         req.prompt = render(Conversation([Turn("user", turn_parts)]), "fal").text
-        req.image_urls = [p[1] if p[0] == "url" else f"data:image/png;base64,{p[1]}" for p in parts if not isinstance(p, str)]
+        req.image_urls = [
+            p[1] if p[0] == "url" else f"data:image/png;base64,{p[1]}" for p in parts if not isinstance(p, str)
+        ]
         out.append(req)
     return out
 
@@ -165,7 +165,9 @@ class SoakResult:
     @property
     def problems(self) -> list[str]:
         """Every way this run broke the soak's rules (empty when it passed)."""
-        out = [f"request {o.req.index} ({o.req.via}): {o.verdict}" for o in self.outcomes if o.verdict.startswith("WRONG")]
+        out = [
+            f"request {o.req.index} ({o.req.via}): {o.verdict}" for o in self.outcomes if o.verdict.startswith("WRONG")
+        ]
         if self.duplicate_submissions:
             out.append(f"{self.duplicate_submissions} payloads were submitted more than once")
         return out
@@ -205,7 +207,9 @@ def _classify(o: Outcome, by_prompt: dict, by_rid: dict, accepted: dict) -> str:
     return f"WRONG: {type(err).__name__}: {err} (faults seen: {faults})"
 
 
-async def _run(emu: FalEmulator, reqs: list[SoakRequest], concurrency: int, max_retries: int, timeout: float) -> list[Outcome]:
+async def _run(
+    emu: FalEmulator, reqs: list[SoakRequest], concurrency: int, max_retries: int, timeout: float
+) -> list[Outcome]:
     from mantis_llm.langchain import ChatMantis
     from mantis_llm.llama_index import Mantis
 
@@ -225,7 +229,9 @@ async def _run(emu: FalEmulator, reqs: list[SoakRequest], concurrency: int, max_
                 outcomes[r.index] = Outcome(r, error=a, request_id=getattr(a, "request_id", None))
             else:
                 meta = a.response_metadata
-                outcomes[r.index] = Outcome(r, text=a.content, request_id=meta.get("request_id"), metrics=meta.get("metrics", {}))
+                outcomes[r.index] = Outcome(
+                    r, text=a.content, request_id=meta.get("request_id"), metrics=meta.get("metrics", {})
+                )
 
     gate = asyncio.Semaphore(concurrency)
 

@@ -70,7 +70,7 @@ class LoopTicker:
             await asyncio.sleep(self.interval)
             self.ticks += 1
 
-    async def __aenter__(self) -> "LoopTicker":
+    async def __aenter__(self) -> LoopTicker:
         self._task = asyncio.create_task(self._tick())
         return self
 

@@ -70,7 +70,10 @@ def solar_diagram() -> Image.Image:
         (x0, y0), (x1, y1) = a, b
         length = max(1.0, ((x1 - x0) ** 2 + (y1 - y0) ** 2) ** 0.5)
         ux, uy = (x1 - x0) / length, (y1 - y0) / length
-        d.polygon([(x1, y1), (x1 - 12 * ux + 6 * uy, y1 - 12 * uy - 6 * ux), (x1 - 12 * ux - 6 * uy, y1 - 12 * uy + 6 * ux)], fill=INK)
+        d.polygon(
+            [(x1, y1), (x1 - 12 * ux + 6 * uy, y1 - 12 * uy - 6 * ux), (x1 - 12 * ux - 6 * uy, y1 - 12 * uy + 6 * ux)],
+            fill=INK,
+        )
 
     arrow((120, 160), (188, 160))
     arrow((290, 150), (358, 95))
@@ -99,7 +102,11 @@ def floor_plan() -> Image.Image:
 
 
 def main() -> None:
-    for name, draw in (("energy_chart.png", energy_chart), ("solar_diagram.png", solar_diagram), ("floor_plan.png", floor_plan)):
+    for name, draw in (
+        ("energy_chart.png", energy_chart),
+        ("solar_diagram.png", solar_diagram),
+        ("floor_plan.png", floor_plan),
+    ):
         path = HERE / name
         draw().save(path, optimize=True)
         size = path.stat().st_size

@@ -39,10 +39,11 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Union
+from typing import Any, Union
 from urllib.parse import parse_qsl, urlsplit
 
 logger = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ class Faults:
 
 
 class _Job:
-    def __init__(self, emu: "FalEmulator", app: str, payload: Any, mode: str, outcome: Any) -> None:
+    def __init__(self, emu: FalEmulator, app: str, payload: Any, mode: str, outcome: Any) -> None:
         self.id = str(uuid.uuid4())
         self.app, self.payload, self.mode, self.outcome = app, payload, mode, outcome
         self.cond = threading.Condition(emu._lock)
@@ -386,7 +387,7 @@ class FalEmulator:
             self._oneshot.clear()
             self.faults = Faults()
 
-    def start(self) -> "FalEmulator":
+    def start(self) -> FalEmulator:
         if self._server is not None:
             return self
         self._stopping.clear()
@@ -394,8 +395,9 @@ class FalEmulator:
         server.emu = self  # type: ignore[attr-defined]
         self._server = server
         self._threads = [
-            threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
-                             name="fal-emulator-http"),
+            threading.Thread(
+                target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True, name="fal-emulator-http"
+            ),
             threading.Thread(target=self._scheduler, daemon=True, name="fal-emulator-jobs"),
         ]
         for t in self._threads:
@@ -423,7 +425,7 @@ class FalEmulator:
         for t in self._threads:
             t.join(timeout=2)
 
-    def __enter__(self) -> "FalEmulator":
+    def __enter__(self) -> FalEmulator:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -578,8 +580,9 @@ class FalEmulator:
         elif not isinstance(images, list):
             errors.append(_err(["images"], "Input should be a valid list", "list_type"))
         elif not images:
-            errors.append(_err(["images"], "List should have at least 1 item after validation, not 0",
-                               "too_short", min_length=1))
+            errors.append(
+                _err(["images"], "List should have at least 1 item after validation, not 0", "too_short", min_length=1)
+            )
         else:
             for i, img in enumerate(images):
                 if not isinstance(img, dict):
@@ -605,7 +608,9 @@ class FalEmulator:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 errors.append(_err([name], "Input should be a valid number", "float_type"))
             elif v < lo or (v == lo and not lo_incl):
-                op, word = ("greater_than_equal", "greater than or equal to") if lo_incl else ("greater_than", "greater than")
+                op, word = (
+                    ("greater_than_equal", "greater than or equal to") if lo_incl else ("greater_than", "greater than")
+                )
                 errors.append(_err([name], f"Input should be {word} {lo}", op, **{"ge" if lo_incl else "gt": lo}))
             elif v > hi:
                 errors.append(_err([name], f"Input should be less than or equal to {hi}", "less_than_equal", le=hi))
@@ -625,7 +630,7 @@ class FalEmulator:
             except (binascii.Error, ValueError):
                 return "Invalid base64 data in data URI", "image_load_error"
         elif url.startswith(self.cdn_url + "/files/"):
-            fid = url[len(self.cdn_url) + len("/files/"):]
+            fid = url[len(self.cdn_url) + len("/files/") :]
             with self._lock:
                 found = self._files.get(fid)
             if found is None:
@@ -657,8 +662,12 @@ class FalEmulator:
             return h.send_error(411)
         raw = h.rfile.read(int(h.headers.get("content-length") or 0))
         rec = RecordedRequest(
-            method=h.command, path=path, query=dict(parse_qsl(parts.query, keep_blank_values=True)),
-            headers={k.lower(): v for k, v in h.headers.items()}, json=None, time=time.time(),
+            method=h.command,
+            path=path,
+            query=dict(parse_qsl(parts.query, keep_blank_values=True)),
+            headers={k.lower(): v for k, v in h.headers.items()},
+            json=None,
+            time=time.time(),
         )
         if raw and "json" in rec.headers.get("content-type", "json"):
             try:
@@ -714,8 +723,14 @@ class FalEmulator:
             if f.routes is not None and route not in f.routes:
                 return None, False
             x, kind, acc = self._rng.random(), None, 0.0
-            for name, p in (("drop", f.drop), ("503", f.error_503), ("500", f.error_500), ("429", f.error_429),
-                            ("drop_after_accept", f.drop_after_accept), ("cut", f.cut)):
+            for name, p in (
+                ("drop", f.drop),
+                ("503", f.error_503),
+                ("500", f.error_500),
+                ("429", f.error_429),
+                ("drop_after_accept", f.drop_after_accept),
+                ("cut", f.cut),
+            ):
                 acc += p
                 if x < acc:
                     kind = name
@@ -739,12 +754,21 @@ class FalEmulator:
         job_rid = {"x-fal-request-id": args["rid"]} if "rid" in args else {}
         if kind == "429":
             ra = self._faults.retry_after
-            return self._send(h, rec, 429, {"detail": "Too many requests: concurrency limit exceeded"},
-                              headers={"Retry-After": f"{ra:g}", **job_rid})
+            return self._send(
+                h,
+                rec,
+                429,
+                {"detail": "Too many requests: concurrency limit exceeded"},
+                headers={"Retry-After": f"{ra:g}", **job_rid},
+            )
         if kind == "500":
-            return self._send(h, rec, 500, {"detail": "Internal Server Error", "error_type": "internal_error"},
-                              headers={"x-fal-request-id": str(uuid.uuid4()), "X-Fal-Error-Type": "internal_error",
-                                       **job_rid})
+            return self._send(
+                h,
+                rec,
+                500,
+                {"detail": "Internal Server Error", "error_type": "internal_error"},
+                headers={"x-fal-request-id": str(uuid.uuid4()), "X-Fal-Error-Type": "internal_error", **job_rid},
+            )
         if route is None:
             return self._send(h, rec, 404, {"detail": f"Not found: {h.command} {rec.path}"})
         if route == "file":
@@ -784,14 +808,20 @@ class FalEmulator:
             job = job if job is not None and job.app == app else None
             rid = {"x-fal-request-id": job.id} if job else {}
             if job is None:
-                answer = (404, {"status": "NOT_FOUND"} if route == "cancel" else
-                          {"detail": f"Request {args['rid']!r} not found"}, {})
+                answer = (
+                    404,
+                    {"status": "NOT_FOUND"} if route == "cancel" else {"detail": f"Request {args['rid']!r} not found"},
+                    {},
+                )
             elif route == "status":
                 answer = (200 if job.status == "COMPLETED" else 202, self._status_body(job, with_logs), rid)
             elif route == "cancel":
                 self._cancelled.append(job.id)
-                answer = (400, {"status": "ALREADY_COMPLETED"}, {}) if job.status == "COMPLETED" else \
-                    (202, {"status": "CANCELLATION_REQUESTED"}, {})
+                answer = (
+                    (400, {"status": "ALREADY_COMPLETED"}, {})
+                    if job.status == "COMPLETED"
+                    else (202, {"status": "CANCELLATION_REQUESTED"}, {})
+                )
                 if job.status != "COMPLETED":
                     self._complete(job, cancelled=True)
                     self._advance()  # the freed slot goes to the next queued job right away
@@ -801,8 +831,16 @@ class FalEmulator:
             return self._status_stream(h, rec, job, with_logs)
         self._send(h, rec, answer[0], answer[1], headers=answer[2])
 
-    def _send(self, h: _Handler, rec: RecordedRequest, code: int, body: Any, *,
-              content_type: str = "application/json", headers: dict[str, str] | None = None) -> None:
+    def _send(
+        self,
+        h: _Handler,
+        rec: RecordedRequest,
+        code: int,
+        body: Any,
+        *,
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         if isinstance(body, (bytes, bytearray)):
             data = bytes(body)
         elif isinstance(body, str):
@@ -835,8 +873,12 @@ class FalEmulator:
     def _start_sse(self, h: _Handler, rec: RecordedRequest, request_id: str) -> None:
         rec.status = 200
         h.send_response(200)
-        for k, v in (("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
-                     ("Transfer-Encoding", "chunked"), ("x-fal-request-id", request_id)):
+        for k, v in (
+            ("Content-Type", "text/event-stream"),
+            ("Cache-Control", "no-cache"),
+            ("Transfer-Encoding", "chunked"),
+            ("x-fal-request-id", request_id),
+        ):
             h.send_header(k, v)
         h.end_headers()
 
@@ -907,8 +949,12 @@ class FalEmulator:
         expires = datetime.now(timezone.utc) + timedelta(hours=1)
         with self._lock:
             self._tokens[token] = time.time() + 3600
-        self._send(h, rec, 200, {"token": token, "token_type": "Bearer", "base_url": self.cdn_url,
-                                 "expires_at": expires.isoformat()})
+        self._send(
+            h,
+            rec,
+            200,
+            {"token": token, "token_type": "Bearer", "base_url": self.cdn_url, "expires_at": expires.isoformat()},
+        )
 
     def _upload(self, h: _Handler, rec: RecordedRequest, raw: bytes) -> None:
         scheme, _, token = rec.headers.get("authorization", "").partition(" ")

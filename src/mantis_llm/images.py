@@ -25,9 +25,10 @@ import hashlib
 import io
 import struct
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -85,8 +86,11 @@ class ImageOptions:
         check("max_redirects", isinstance(r, int) and not isinstance(r, bool) and r >= 0, "a non-negative integer")
         check("short_side", self.short_side is None or is_positive_int(self.short_side), "a positive integer or None")
         t = self.fetch_timeout
-        check("fetch_timeout", not isinstance(t, bool) and isinstance(t, (int, float)) and 0 < t < float("inf"),
-              "a positive number")
+        check(
+            "fetch_timeout",
+            not isinstance(t, bool) and isinstance(t, (int, float)) and 0 < t < float("inf"),
+            "a positive number",
+        )
         check("fetch_remote", isinstance(self.fetch_remote, bool), "True or False")
 
 
@@ -168,7 +172,7 @@ def sniff_mime(data: bytes) -> str | None:
     return "text/plain"
 
 
-def labeled_images(conversation: "Conversation") -> list[tuple[str, Image]]:
+def labeled_images(conversation: Conversation) -> list[tuple[str, Image]]:
     """Every image of ``conversation`` with its label, in prompt order.
 
     The label is ``"image {i} of message {m}"``: ``i`` counts images within the message,
@@ -230,12 +234,11 @@ def _check_bytes(data: bytes, options: ImageOptions) -> str:
 def _check_pixels(width: int, height: int, options: ImageOptions) -> None:
     if width * height > options.max_pixels:
         raise ImageError(
-            f"the image is {width}x{height} = {width * height:,} pixels, more than the limit of "
-            f"{options.max_pixels:,}"
+            f"the image is {width}x{height} = {width * height:,} pixels, more than the limit of {options.max_pixels:,}"
         )
 
 
-def _decode(data: bytes, options: ImageOptions) -> tuple["PILImage", str]:
+def _decode(data: bytes, options: ImageOptions) -> tuple[PILImage, str]:
     """Validate and fully decode ``data`` (first frame); return the PIL image and its mime.
 
     Large JPEGs are decoded at a reduced DCT scale (``draft``) that still leaves the shorter
@@ -261,11 +264,11 @@ def _decode(data: bytes, options: ImageOptions) -> tuple["PILImage", str]:
     return img, mime
 
 
-def _has_alpha(img: "PILImage") -> bool:
+def _has_alpha(img: PILImage) -> bool:
     return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
 
 
-def _normalise_mode(img: "PILImage") -> "PILImage":
+def _normalise_mode(img: PILImage) -> PILImage:
     """RGB, or RGBA when the image has transparency (also lets LANCZOS work on palettes)."""
     want = "RGBA" if _has_alpha(img) else "RGB"
     if img.mode == want:
@@ -275,7 +278,7 @@ def _normalise_mode(img: "PILImage") -> "PILImage":
     return img.convert(want)
 
 
-def _resize(img: "PILImage", short_side: int | None) -> "PILImage":
+def _resize(img: PILImage, short_side: int | None) -> PILImage:
     """Downsize so the shorter side is ``short_side`` (aspect ratio kept); never upsize."""
     w, h = img.size
     if short_side is None or min(w, h) <= short_side:
@@ -289,7 +292,7 @@ def _resize(img: "PILImage", short_side: int | None) -> "PILImage":
     return _normalise_mode(img).resize(size, PIL.Resampling.LANCZOS)
 
 
-def _exif_upright(img: "PILImage") -> "PILImage":
+def _exif_upright(img: PILImage) -> PILImage:
     from PIL import ImageOps
 
     try:
@@ -298,7 +301,7 @@ def _exif_upright(img: "PILImage") -> "PILImage":
         return img
 
 
-def _to_rgb(img: "PILImage") -> "PILImage":
+def _to_rgb(img: PILImage) -> PILImage:
     """RGB, with any transparency composited on white."""
     img = _normalise_mode(img)
     if img.mode == "RGBA":
@@ -310,7 +313,7 @@ def _to_rgb(img: "PILImage") -> "PILImage":
     return img
 
 
-def _encode(img: "PILImage") -> EncodedImage:
+def _encode(img: PILImage) -> EncodedImage:
     """JPEG q=90, or PNG when the image has transparency."""
     img = _normalise_mode(img)
     buf = io.BytesIO()
@@ -321,7 +324,7 @@ def _encode(img: "PILImage") -> EncodedImage:
     return EncodedImage(buf.getvalue(), "image/jpeg")
 
 
-def _pil_from_source(img: Image, options: ImageOptions) -> "PILImage":
+def _pil_from_source(img: Image, options: ImageOptions) -> PILImage:
     """Validate a PIL-sourced Image (without touching the caller's object)."""
     pil = img.source
     _check_pixels(pil.width, pil.height, options)
@@ -332,12 +335,12 @@ def _pil_from_source(img: Image, options: ImageOptions) -> "PILImage":
     return pil
 
 
-def _load_from_bytes(data: bytes, options: ImageOptions) -> "PILImage":
+def _load_from_bytes(data: bytes, options: ImageOptions) -> PILImage:
     pil, _ = _decode(data, options)
     return _to_rgb(_resize(_exif_upright(pil), options.short_side))
 
 
-def _load_local(img: Image, options: ImageOptions) -> "PILImage":
+def _load_local(img: Image, options: ImageOptions) -> PILImage:
     if img.kind == "pil":
         pil = _pil_from_source(img, options)
         out = _to_rgb(_resize(pil, options.short_side))
@@ -355,7 +358,7 @@ def load_pil(
     *,
     label: str | None = None,
     client: httpx.Client | None = None,
-) -> "PILImage":
+) -> PILImage:
     """An RGB PIL image, validated and downsized; http(s) URLs are fetched with limits."""
     with _labeled(label):
         img = _as_image(image)
@@ -370,7 +373,7 @@ async def aload_pil(
     *,
     label: str | None = None,
     client: httpx.AsyncClient | None = None,
-) -> "PILImage":
+) -> PILImage:
     """Async :func:`load_pil`: fetches with httpx's async client, decodes in a thread."""
     with _labeled(label):
         img = _as_image(image)
@@ -386,7 +389,7 @@ def encode_for_fal(
     *,
     label: str | None = None,
     client: httpx.Client | None = None,
-) -> "str | EncodedImage":
+) -> str | EncodedImage:
     """What fal's ``image_url`` needs: the http(s) URL as given, or encoded bytes.
 
     Local images whose format is JPEG/PNG/WEBP and whose shorter side already fits are
@@ -443,9 +446,7 @@ class _Download:
         return httpx.Timeout(self.options.fetch_timeout)
 
     def request(self, client: httpx.Client | httpx.AsyncClient) -> httpx.Request:
-        req = client.build_request(
-            "GET", self.url, headers={"Accept": "image/*"}, timeout=self.timeout()
-        )
+        req = client.build_request("GET", self.url, headers={"Accept": "image/*"}, timeout=self.timeout())
         req.headers.pop("Authorization", None)  # never leak a client's credentials to an image host
         return req
 

@@ -58,15 +58,18 @@ import base64
 import builtins
 import json
 import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from operator import itemgetter
-from typing import Any, AsyncIterator, Callable, Iterator, Literal, Optional, Sequence, Union
+from typing import Any, Literal
 
 try:
     import langchain_core  # noqa: F401
 except ImportError as exc:  # the optional extra is not installed
-    raise ImportError(f"mantis_llm.langchain needs langchain-core: pip install \"mantis-llm[langchain]\" ({exc})") from exc
+    raise ImportError(
+        f'mantis_llm.langchain needs langchain-core: pip install "mantis-llm[langchain]" ({exc})'
+    ) from exc
 
 from langchain_core.callbacks import (
     AsyncCallbackManager,
@@ -201,12 +204,10 @@ def _image(block: dict[str, Any], where: str) -> Image:
             return Image.from_base64(b64, mime_type=block.get("mime_type") or block.get("mimeType"))
     except ImageError as exc:
         raise ImageError(f"{where}: {exc.message}") from None
-    raise InvalidRequestError(
-        f"{where}: image block has no url or base64 data (file references are not supported)"
-    )
+    raise InvalidRequestError(f"{where}: image block has no url or base64 data (file references are not supported)")
 
 
-def image_block(source: Any, *, mime_type: Optional[str] = None) -> dict[str, Any]:
+def image_block(source: Any, *, mime_type: str | None = None) -> dict[str, Any]:
     """A LangChain v1 standard image content block from any image source
     :class:`~mantis_llm.types.Image` accepts.
 
@@ -234,7 +235,7 @@ def image_block(source: Any, *, mime_type: Optional[str] = None) -> dict[str, An
     return {"type": "image", "base64": base64.b64encode(data).decode("ascii"), "mime_type": mime}
 
 
-def _json_instruction(schema: Optional[dict[str, Any]]) -> str:
+def _json_instruction(schema: dict[str, Any] | None) -> str:
     if schema is None:
         return "Answer with a single JSON object and nothing else: no prose, no code fences."
     return (
@@ -247,8 +248,8 @@ def _json_instruction(schema: Optional[dict[str, Any]]) -> str:
 
 
 def _update_sender(
-    run_manager: Optional[CallbackManagerForLLMRun], user: Optional[Callable[[Update], None]]
-) -> Optional[Callable[[Update], None]]:
+    run_manager: CallbackManagerForLLMRun | None, user: Callable[[Update], None] | None
+) -> Callable[[Update], None] | None:
     """An ``on_update`` that turns backend progress into a custom callback event (and
     calls the user's ``on_update``)."""
     if run_manager is None or not run_manager.handlers:
@@ -272,7 +273,7 @@ def _update_sender(
 
 @asynccontextmanager
 async def _aupdate_sender(
-    run_manager: Optional[AsyncCallbackManagerForLLMRun], user: Optional[Callable[[Update], None]]
+    run_manager: AsyncCallbackManagerForLLMRun | None, user: Callable[[Update], None] | None
 ):
     """Async twin of :func:`_update_sender`. The backend calls ``on_update`` synchronously
     (from the loop or a worker thread); updates are queued and dispatched in order by a task,
@@ -287,13 +288,11 @@ async def _aupdate_sender(
         metadata=run_manager.metadata,
     )
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Optional[Update]] = asyncio.Queue()
+    queue: asyncio.Queue[Update | None] = asyncio.Queue()
 
     async def pump() -> None:
         while (update := await queue.get()) is not None:
-            await manager.on_custom_event(
-                QUEUE_UPDATE_EVENT, asdict(update), run_id=run_manager.run_id
-            )
+            await manager.on_custom_event(QUEUE_UPDATE_EVENT, asdict(update), run_id=run_manager.run_id)
 
     def send(update: Update) -> None:
         if user is not None:
@@ -320,10 +319,10 @@ class _BackendSlot:
     __slots__ = ("backend", "lock")
 
     def __init__(self) -> None:
-        self.backend: Optional[Backend] = None
+        self.backend: Backend | None = None
         self.lock = threading.Lock()
 
-    def __deepcopy__(self, memo: dict) -> "_BackendSlot":
+    def __deepcopy__(self, memo: dict) -> _BackendSlot:
         return _BackendSlot()
 
     def __reduce__(self):
@@ -363,34 +362,30 @@ class ChatMantis(BaseChatModel):
 
     model_config = ConfigDict(extra="forbid")  # a misspelt argument is an error, not ignored
 
-    model: str = Field(
-        default=DEFAULT_FAL_ENDPOINT, validation_alias=AliasChoices("model", "model_name")
-    )
-    backend: Union[Literal["fal", "local"], Backend] = "fal"
-    api_key: Optional[SecretStr] = Field(
+    model: str = Field(default=DEFAULT_FAL_ENDPOINT, validation_alias=AliasChoices("model", "model_name"))
+    backend: Literal["fal", "local"] | Backend = "fal"
+    api_key: SecretStr | None = Field(
         default_factory=secret_from_env("FAL_KEY", default=None),
         validation_alias=AliasChoices("api_key", "fal_key"),
     )
-    max_tokens: Optional[int] = Field(default=None, ge=1)
-    temperature: Optional[float] = Field(default=None, ge=0, le=2)
-    top_p: Optional[float] = Field(default=None, gt=0, le=1)
-    stop: Optional[builtins.list[str]] = Field(
-        default=None, validation_alias=AliasChoices("stop", "stop_sequences")
-    )
-    seed: Optional[int] = None
-    timeout: Optional[float] = Field(default=None, gt=0)
-    max_retries: Optional[int] = Field(default=None, ge=0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    stop: builtins.list[str] | None = Field(default=None, validation_alias=AliasChoices("stop", "stop_sequences"))
+    seed: int | None = None
+    timeout: float | None = Field(default=None, gt=0)
+    max_retries: int | None = Field(default=None, ge=0)
     streaming: bool = False
     """Use the streaming path for ``invoke`` too (tokens reach ``on_llm_new_token``)."""
     backend_options: builtins.dict[str, Any] = Field(default_factory=builtins.dict)
-    on_update: Optional[Callable[[Update], None]] = Field(default=None, exclude=True)
+    on_update: Callable[[Update], None] | None = Field(default=None, exclude=True)
     """Called with every backend progress report, on every path (must not block)."""
 
     _slot: _BackendSlot = PrivateAttr(default_factory=_BackendSlot)
 
     @model_validator(mode="wrap")
     @classmethod
-    def _typed_errors(cls, data: Any, handler: Any) -> "ChatMantis":
+    def _typed_errors(cls, data: Any, handler: Any) -> ChatMantis:
         # pydantic's ValidationError (a ValueError) becomes our ConfigurationError; it is not
         # a ValueError, so pydantic passes it through (also from the "after" check below).
         try:
@@ -399,7 +394,7 @@ class ChatMantis(BaseChatModel):
             raise from_validation_error(exc, cls.__name__) from None
 
     @model_validator(mode="after")
-    def _default_model_for_backend(self) -> "ChatMantis":
+    def _default_model_for_backend(self) -> ChatMantis:
         if "model" not in self.model_fields_set:
             self.model = resolve_model(self.backend)
         clash = sorted(set(self.backend_options) & set(_BUILT_BY_FIELDS))
@@ -438,7 +433,7 @@ class ChatMantis(BaseChatModel):
             "seed": self.seed,
         }
 
-    def _get_ls_params(self, stop: Optional[builtins.list[str]] = None, **kwargs: Any) -> LangSmithParams:
+    def _get_ls_params(self, stop: builtins.list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop, **kwargs)
         params["ls_provider"] = self.provider
         merged = self._merge_stop(stop)
@@ -446,7 +441,7 @@ class ChatMantis(BaseChatModel):
             params["ls_stop"] = merged
         return params
 
-    def _resolve_model_profile(self) -> Optional[ModelProfile]:
+    def _resolve_model_profile(self) -> ModelProfile | None:
         return ModelProfile(
             max_input_tokens=MAX_INPUT_TOKENS,
             text_inputs=True,
@@ -504,13 +499,13 @@ class ChatMantis(BaseChatModel):
 
     # -- requests and responses ---------------------------------------------------------
 
-    def _merge_stop(self, stop: Optional[Sequence[str]]) -> Optional[builtins.list[str]]:
+    def _merge_stop(self, stop: Sequence[str] | None) -> builtins.list[str] | None:
         if isinstance(stop, str):  # stop="END" is one sequence, not three letters
             stop = [stop]
         merged = builtins.list(builtins.dict.fromkeys([*(self.stop or ()), *(stop or ())]))
         return merged or None
 
-    def _params(self, stop: Optional[Sequence[str]], **overrides: Any) -> GenerationParams:
+    def _params(self, stop: Sequence[str] | None, **overrides: Any) -> GenerationParams:
         return GenerationParams(
             max_tokens=self.max_tokens,
             temperature=self.temperature,
@@ -520,7 +515,7 @@ class ChatMantis(BaseChatModel):
         ).merged(**overrides)
 
     def _request(
-        self, messages: builtins.list[BaseMessage], stop: Optional[builtins.list[str]], kwargs: builtins.dict[str, Any]
+        self, messages: builtins.list[BaseMessage], stop: builtins.list[str] | None, kwargs: builtins.dict[str, Any]
     ) -> Request:
         kwargs = builtins.dict(kwargs)
         kwargs.pop("stream", None)  # LangChain's own streaming switch
@@ -546,8 +541,7 @@ class ChatMantis(BaseChatModel):
             "json_schema",
         ):
             raise InvalidRequestError(
-                'response_format must be {"type": "json_object"} or '
-                '{"type": "json_schema", "schema": {...}}'
+                'response_format must be {"type": "json_object"} or {"type": "json_schema", "schema": {...}}'
             )
         instruction = _json_instruction(response_format.get("schema"))
         for turn in reversed(conversation.turns):
@@ -570,7 +564,7 @@ class ChatMantis(BaseChatModel):
         return meta
 
     @staticmethod
-    def _usage(response: Response) -> Optional[UsageMetadata]:
+    def _usage(response: Response) -> UsageMetadata | None:
         return None if response.usage is None else UsageMetadata(**response.usage.as_dict())
 
     def _result(self, response: Response, backend: Backend) -> ChatResult:
@@ -581,7 +575,7 @@ class ChatMantis(BaseChatModel):
         )
         return ChatResult(generations=[ChatGeneration(message=message)])
 
-    def _chunk(self, text: str, response: Optional[Response], backend: Backend) -> ChatGenerationChunk:
+    def _chunk(self, text: str, response: Response | None, backend: Backend) -> ChatGenerationChunk:
         if response is None:
             return ChatGenerationChunk(message=AIMessageChunk(content=text))
         # model_name, finish_reason and usage go on the last chunk only: chunk addition
@@ -600,8 +594,8 @@ class ChatMantis(BaseChatModel):
     def _generate(
         self,
         messages: builtins.list[BaseMessage],
-        stop: Optional[builtins.list[str]] = None,
-        run_manager: Optional[CallbackManagerForLLMRun] = None,
+        stop: builtins.list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
         request = self._request(messages, stop, kwargs)
@@ -612,8 +606,8 @@ class ChatMantis(BaseChatModel):
     async def _agenerate(
         self,
         messages: builtins.list[BaseMessage],
-        stop: Optional[builtins.list[str]] = None,
-        run_manager: Optional[AsyncCallbackManagerForLLMRun] = None,
+        stop: builtins.list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
         request = self._request(messages, stop, kwargs)
@@ -625,8 +619,8 @@ class ChatMantis(BaseChatModel):
     def _stream(
         self,
         messages: builtins.list[BaseMessage],
-        stop: Optional[builtins.list[str]] = None,
-        run_manager: Optional[CallbackManagerForLLMRun] = None,
+        stop: builtins.list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         # LangChain itself calls run_manager.on_llm_new_token for every chunk we yield.
@@ -639,8 +633,8 @@ class ChatMantis(BaseChatModel):
     async def _astream(
         self,
         messages: builtins.list[BaseMessage],
-        stop: Optional[builtins.list[str]] = None,
-        run_manager: Optional[AsyncCallbackManagerForLLMRun] = None,
+        stop: builtins.list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         request = self._request(messages, stop, kwargs)
@@ -652,7 +646,7 @@ class ChatMantis(BaseChatModel):
 
     # -- tools and structured output ----------------------------------------------------
 
-    def bind_tools(self, tools: Sequence[Any], *, tool_choice: Optional[str] = None, **kwargs: Any) -> Runnable:
+    def bind_tools(self, tools: Sequence[Any], *, tool_choice: str | None = None, **kwargs: Any) -> Runnable:
         """Not supported: Mantis has no tool calling.
 
         Use a ReAct-style (text) agent that parses the model's answer, use ChatMantis as
@@ -668,13 +662,13 @@ class ChatMantis(BaseChatModel):
 
     def with_structured_output(
         self,
-        schema: Optional[Union[builtins.dict[str, Any], type]] = None,
+        schema: builtins.dict[str, Any] | type | None = None,
         *,
         method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
         include_raw: bool = False,
-        strict: Optional[bool] = None,
+        strict: bool | None = None,
         **kwargs: Any,
-    ) -> Runnable[LanguageModelInput, Union[builtins.dict[str, Any], Any]]:
+    ) -> Runnable[LanguageModelInput, builtins.dict[str, Any] | Any]:
         """A runnable returning answers parsed into ``schema`` (a pydantic class, TypedDict
         or JSON schema dict), by prompting since Mantis has no native JSON mode or tools.
 
@@ -690,9 +684,7 @@ class ChatMantis(BaseChatModel):
         if kwargs:
             raise ValueError(f"unsupported arguments for with_structured_output: {sorted(kwargs)}")
         if method not in ("json_schema", "function_calling", "json_mode"):
-            raise ValueError(
-                f"method must be 'json_schema', 'function_calling' or 'json_mode', not {method!r}"
-            )
+            raise ValueError(f"method must be 'json_schema', 'function_calling' or 'json_mode', not {method!r}")
         if schema is None and method != "json_mode":
             raise ValueError(f"schema is required with method={method!r}")
         is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
@@ -700,9 +692,7 @@ class ChatMantis(BaseChatModel):
         if schema is not None:
             json_schema = schema if isinstance(schema, builtins.dict) else convert_to_json_schema(schema)
         response_format: builtins.dict[str, Any] = (
-            {"type": "json_object"}
-            if method == "json_mode"
-            else {"type": "json_schema", "schema": json_schema}
+            {"type": "json_object"} if method == "json_mode" else {"type": "json_schema", "schema": json_schema}
         )
         llm = self.bind(
             response_format=response_format,
@@ -714,13 +704,9 @@ class ChatMantis(BaseChatModel):
         parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
         if not include_raw:
             return llm | parser
-        parser_assign = RunnablePassthrough.assign(
-            parsed=itemgetter("raw") | parser, parsing_error=lambda _: None
-        )
+        parser_assign = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
         parser_none = RunnablePassthrough.assign(parsed=lambda _: None)
-        parser_with_fallback = parser_assign.with_fallbacks(
-            [parser_none], exception_key="parsing_error"
-        )
+        parser_with_fallback = parser_assign.with_fallbacks([parser_none], exception_key="parsing_error")
         return RunnableMap(raw=llm) | parser_with_fallback
 
 

@@ -41,12 +41,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any, Union
 
 try:
     import llama_index.core  # noqa: F401
 except ImportError as exc:  # the optional extra is not installed
-    raise ImportError(f"mantis_llm.llama_index needs llama-index-core: pip install \"mantis-llm[llama-index]\" ({exc})") from exc
+    raise ImportError(
+        f'mantis_llm.llama_index needs llama-index-core: pip install "mantis-llm[llama-index]" ({exc})'
+    ) from exc
 
 from llama_index.core.base.llms.generic_utils import image_node_to_image_block
 from llama_index.core.base.llms.types import (
@@ -134,7 +137,7 @@ def image_block_to_image(block: ImageBlock, label: str = "image") -> Image:
     raise ImageError(f"{label}: the ImageBlock has no image, path or url")
 
 
-def image_block(source: Any, *, mime_type: Optional[str] = None) -> ImageBlock:
+def image_block(source: Any, *, mime_type: str | None = None) -> ImageBlock:
     """An ``ImageBlock`` from any image source :class:`~mantis_llm.types.Image` accepts,
     including PIL images (which ``ImageBlock`` itself does not take).
 
@@ -161,12 +164,10 @@ def to_image_block(item: Any, label: str = "image") -> ImageBlock:
             return image_node_to_image_block(item)  # type: ignore[arg-type]  # duck-typed: works for both
         except ValueError as exc:
             raise ImageError(f"{label}: {exc}") from None
-    raise InvalidRequestError(
-        f"{label}: expected an ImageBlock, ImageNode or ImageDocument, got {type(item).__name__}"
-    )
+    raise InvalidRequestError(f"{label}: expected an ImageBlock, ImageNode or ImageDocument, got {type(item).__name__}")
 
 
-def _parts(blocks: Sequence[Any], where: str, counter: List[int]) -> Iterator[Part]:
+def _parts(blocks: Sequence[Any], where: str, counter: list[int]) -> Iterator[Part]:
     for b, block in enumerate(blocks, 1):
         if isinstance(block, TextBlock):
             yield block.text
@@ -179,8 +180,7 @@ def _parts(blocks: Sequence[Any], where: str, counter: List[int]) -> Iterator[Pa
             continue
         else:
             raise InvalidRequestError(
-                f"{where}, block {b}: {type(block).__name__} is not supported "
-                "(Mantis reads text and images only)"
+                f"{where}, block {b}: {type(block).__name__} is not supported (Mantis reads text and images only)"
             )
 
 
@@ -207,15 +207,11 @@ def to_conversation(messages: Sequence[ChatMessage]) -> Conversation:
     return Conversation(turns)
 
 
-def prompt_messages(
-    prompt: str, image_documents: Optional[Sequence[ImageInput]] = None
-) -> List[ChatMessage]:
+def prompt_messages(prompt: str, image_documents: Sequence[ImageInput] | None = None) -> list[ChatMessage]:
     """The one user message a ``complete(prompt, image_documents)`` call stands for: images, then text."""
     if not isinstance(prompt, str):
         raise InvalidRequestError(f"prompt must be a str, not {type(prompt).__name__}")
-    blocks: List[Any] = [
-        to_image_block(doc, f"image_documents[{i}]") for i, doc in enumerate(image_documents or ())
-    ]
+    blocks: list[Any] = [to_image_block(doc, f"image_documents[{i}]") for i, doc in enumerate(image_documents or ())]
     if prompt:
         blocks.append(TextBlock(text=prompt))
     return [ChatMessage(role=MessageRole.USER, blocks=blocks)]
@@ -226,8 +222,8 @@ def prompt_messages(
 
 def _response_info(response: Response) -> tuple[dict, dict]:
     """(raw, additional_kwargs) for a finished response."""
-    extra: Dict[str, Any] = {}
-    raw: Dict[str, Any] = {
+    extra: dict[str, Any] = {}
+    raw: dict[str, Any] = {
         "model": response.model,
         "request_id": response.request_id,
         "finish_reason": response.finish_reason,
@@ -245,7 +241,7 @@ def _response_info(response: Response) -> tuple[dict, dict]:
     return raw, extra
 
 
-def _chat_response(text: str, delta: Optional[str], response: Optional[Response]) -> ChatResponse:
+def _chat_response(text: str, delta: str | None, response: Response | None) -> ChatResponse:
     raw, extra = _response_info(response) if response is not None else (None, {})
     return ChatResponse(
         message=ChatMessage(role=MessageRole.ASSISTANT, content=text),
@@ -255,7 +251,7 @@ def _chat_response(text: str, delta: Optional[str], response: Optional[Response]
     )
 
 
-def _completion_response(text: str, delta: Optional[str], response: Optional[Response]) -> CompletionResponse:
+def _completion_response(text: str, delta: str | None, response: Response | None) -> CompletionResponse:
     raw, extra = _response_info(response) if response is not None else (None, {})
     return CompletionResponse(text=text, delta=delta, raw=raw, additional_kwargs=extra)
 
@@ -264,10 +260,10 @@ class MantisUpdateEvent(BaseEvent):
     """A backend progress report (fal queue status/position, logs) during a Mantis call."""
 
     status: str
-    request_id: Optional[str] = None
-    queue_position: Optional[int] = None
-    logs: List[Dict[str, Any]] = Field(default_factory=list)
-    metrics: Dict[str, Any] = Field(default_factory=dict)
+    request_id: str | None = None
+    queue_position: int | None = None
+    logs: list[dict[str, Any]] = Field(default_factory=list)
+    metrics: dict[str, Any] = Field(default_factory=dict)
 
     @classmethod
     def class_name(cls) -> str:
@@ -286,25 +282,21 @@ class _MantisBase(BaseModel):
         default=DEFAULT_FAL_ENDPOINT,
         description="fal endpoint id (backend='fal') or a Hugging Face id / local path (backend='local').",
     )
-    backend: Union[str, Backend] = Field(
-        default="fal", description="'fal', 'local', or a mantis_llm Backend instance."
-    )
-    api_key: Optional[SecretStr] = Field(
+    backend: str | Backend = Field(default="fal", description="'fal', 'local', or a mantis_llm Backend instance.")
+    api_key: SecretStr | None = Field(
         default=None,
         exclude=True,
         repr=False,
         description="fal key; defaults to the FAL_KEY (or FAL_KEY_ID + FAL_KEY_SECRET) environment variables.",
     )
-    max_tokens: Optional[int] = Field(default=None, ge=1, description="Maximum number of tokens to generate.")
-    temperature: Optional[float] = Field(
-        default=None, ge=0, le=2, description="Sampling temperature (None: greedy)."
-    )
-    top_p: Optional[float] = Field(default=None, gt=0, le=1, description="Nucleus sampling probability.")
-    stop: Optional[List[str]] = Field(default=None, description="Stop sequences.")
-    seed: Optional[int] = Field(default=None, description="Random seed.")
-    timeout: Optional[float] = Field(default=None, gt=0, description="Seconds per call (fal).")
-    max_retries: Optional[int] = Field(default=None, ge=0, description="Retries on transient errors (fal).")
-    backend_options: Dict[str, Any] = Field(
+    max_tokens: int | None = Field(default=None, ge=1, description="Maximum number of tokens to generate.")
+    temperature: float | None = Field(default=None, ge=0, le=2, description="Sampling temperature (None: greedy).")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling probability.")
+    stop: list[str] | None = Field(default=None, description="Stop sequences.")
+    seed: int | None = Field(default=None, description="Random seed.")
+    timeout: float | None = Field(default=None, gt=0, description="Seconds per call (fal).")
+    max_retries: int | None = Field(default=None, ge=0, description="Retries on transient errors (fal).")
+    backend_options: dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword arguments for the backend constructor."
     )
     context_window: int = Field(
@@ -315,11 +307,11 @@ class _MantisBase(BaseModel):
             "budgets about 2125 per image, so raise this to pack several images into one call."
         ),
     )
-    on_update: Optional[Callable[[Update], None]] = Field(
+    on_update: Callable[[Update], None] | None = Field(
         default=None, exclude=True, description="Called with each backend progress Update."
     )
 
-    _backend: Optional[Backend] = PrivateAttr(default=None)
+    _backend: Backend | None = PrivateAttr(default=None)
 
     def __init__(self, **data: Any) -> None:
         super().__init__(**data)
@@ -349,7 +341,7 @@ class _MantisBase(BaseModel):
         return [v] if isinstance(v, str) else v
 
     @field_serializer("backend")
-    def _backend_name(self, backend: Union[str, Backend]) -> str:
+    def _backend_name(self, backend: str | Backend) -> str:
         if isinstance(backend, Backend):
             return "local" if backend.provider == "transformers" else backend.provider
         return backend
@@ -392,16 +384,14 @@ class _MantisBase(BaseModel):
             seed=self.seed,
         )
 
-    def _request(self, messages: Sequence[ChatMessage], kwargs: Dict[str, Any]) -> Request:
+    def _request(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> Request:
         """Translate; call-time ``max_tokens``/``temperature``/``top_p``/``stop``/``seed`` win.
         Other keyword arguments LlamaIndex passes along are ignored."""
         overrides = {k: kwargs[k] for k in _PARAMS if kwargs.get(k) is not None}
         return Request(to_conversation(messages), self._default_params().merged(**overrides))
 
     def _report(self, update: Update) -> None:
-        logger.debug(
-            "mantis %s: %s (queue position %s)", update.request_id, update.status, update.queue_position
-        )
+        logger.debug("mantis %s: %s (queue position %s)", update.request_id, update.status, update.queue_position)
         dispatcher.event(
             MantisUpdateEvent(
                 status=update.status,
@@ -425,17 +415,17 @@ class _MantisBase(BaseModel):
 
     # -- the four ways to run; ``make`` builds a ChatResponse or a CompletionResponse
 
-    def _run(self, messages: Sequence[ChatMessage], kwargs: Dict[str, Any], make: Callable) -> Any:
+    def _run(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any], make: Callable) -> Any:
         request = self._request(messages, kwargs)
         response = self._get_backend().generate(request, on_update=self._report)
         return make(response.text, None, response)
 
-    async def _arun(self, messages: Sequence[ChatMessage], kwargs: Dict[str, Any], make: Callable) -> Any:
+    async def _arun(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any], make: Callable) -> Any:
         request = self._request(messages, kwargs)  # no I/O: paths and URLs are read by the backend
         response = await self._get_backend().agenerate(request, on_update=self._report)
         return make(response.text, None, response)
 
-    def _stream(self, messages: Sequence[ChatMessage], kwargs: Dict[str, Any], make: Callable) -> Iterator[Any]:
+    def _stream(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any], make: Callable) -> Iterator[Any]:
         request = self._request(messages, kwargs)  # bad input fails at the call, not mid-iteration
         backend = self._get_backend()
 
@@ -448,7 +438,7 @@ class _MantisBase(BaseModel):
         return gen()
 
     async def _astream(
-        self, messages: Sequence[ChatMessage], kwargs: Dict[str, Any], make: Callable
+        self, messages: Sequence[ChatMessage], kwargs: dict[str, Any], make: Callable
     ) -> AsyncIterator[Any]:
         request = self._request(messages, kwargs)
         backend = self._get_backend()
@@ -462,7 +452,7 @@ class _MantisBase(BaseModel):
         return gen()
 
 
-def _completion_args(prompt: str, image_documents: Any) -> List[ChatMessage]:
+def _completion_args(prompt: str, image_documents: Any) -> list[ChatMessage]:
     # Core passes ``formatted`` by keyword, old callers pass image_documents positionally;
     # a bool in the image_documents slot is a positional ``formatted``. ``formatted`` itself
     # changes nothing: the prompt always becomes one user message of a chat model.
@@ -528,25 +518,41 @@ class Mantis(_MantisBase, LLM):
 
     @llm_completion_callback()
     def complete(  # type: ignore[override]
-        self, prompt: str, image_documents: Optional[Sequence[ImageInput]] = None, formatted: bool = False, **kwargs: Any
+        self,
+        prompt: str,
+        image_documents: Sequence[ImageInput] | None = None,
+        formatted: bool = False,
+        **kwargs: Any,
     ) -> CompletionResponse:
         return self._run(_completion_args(prompt, image_documents), kwargs, _completion_response)
 
     @llm_completion_callback()
     def stream_complete(  # type: ignore[override]
-        self, prompt: str, image_documents: Optional[Sequence[ImageInput]] = None, formatted: bool = False, **kwargs: Any
+        self,
+        prompt: str,
+        image_documents: Sequence[ImageInput] | None = None,
+        formatted: bool = False,
+        **kwargs: Any,
     ) -> CompletionResponseGen:
         return self._stream(_completion_args(prompt, image_documents), kwargs, _completion_response)
 
     @llm_completion_callback()
     async def acomplete(  # type: ignore[override]
-        self, prompt: str, image_documents: Optional[Sequence[ImageInput]] = None, formatted: bool = False, **kwargs: Any
+        self,
+        prompt: str,
+        image_documents: Sequence[ImageInput] | None = None,
+        formatted: bool = False,
+        **kwargs: Any,
     ) -> CompletionResponse:
         return await self._arun(_completion_args(prompt, image_documents), kwargs, _completion_response)
 
     @llm_completion_callback()
     async def astream_complete(  # type: ignore[override]
-        self, prompt: str, image_documents: Optional[Sequence[ImageInput]] = None, formatted: bool = False, **kwargs: Any
+        self,
+        prompt: str,
+        image_documents: Sequence[ImageInput] | None = None,
+        formatted: bool = False,
+        **kwargs: Any,
     ) -> CompletionResponseAsyncGen:
         return await self._astream(_completion_args(prompt, image_documents), kwargs, _completion_response)
 
@@ -561,9 +567,9 @@ class MantisMultiModal(_MantisBase, MultiModalLLM):
 
     # The callback decorators MultiModalLLM applies read ``rate_limiter`` and ``to_payload()``,
     # which only BaseLLM defines (llama-index-core 0.14.25).
-    rate_limiter: Optional[Any] = Field(default=None, exclude=True)
+    rate_limiter: Any | None = Field(default=None, exclude=True)
 
-    def to_payload(self) -> Dict[str, Any]:
+    def to_payload(self) -> dict[str, Any]:
         """Non-sensitive description for callback/instrumentation payloads (no api_key)."""
         return {"class_name": self.class_name(), **self.metadata.model_dump()}
 
@@ -595,22 +601,38 @@ class MantisMultiModal(_MantisBase, MultiModalLLM):
         return await self._astream(messages, kwargs, _chat_response)
 
     def complete(  # type: ignore[override]
-        self, prompt: str, image_documents: Optional[Sequence[ImageInput]] = None, formatted: bool = False, **kwargs: Any
+        self,
+        prompt: str,
+        image_documents: Sequence[ImageInput] | None = None,
+        formatted: bool = False,
+        **kwargs: Any,
     ) -> CompletionResponse:
         return self._run(_completion_args(prompt, image_documents), kwargs, _completion_response)
 
     def stream_complete(  # type: ignore[override]
-        self, prompt: str, image_documents: Optional[Sequence[ImageInput]] = None, formatted: bool = False, **kwargs: Any
+        self,
+        prompt: str,
+        image_documents: Sequence[ImageInput] | None = None,
+        formatted: bool = False,
+        **kwargs: Any,
     ) -> CompletionResponseGen:
         return self._stream(_completion_args(prompt, image_documents), kwargs, _completion_response)
 
     async def acomplete(  # type: ignore[override]
-        self, prompt: str, image_documents: Optional[Sequence[ImageInput]] = None, formatted: bool = False, **kwargs: Any
+        self,
+        prompt: str,
+        image_documents: Sequence[ImageInput] | None = None,
+        formatted: bool = False,
+        **kwargs: Any,
     ) -> CompletionResponse:
         return await self._arun(_completion_args(prompt, image_documents), kwargs, _completion_response)
 
     async def astream_complete(  # type: ignore[override]
-        self, prompt: str, image_documents: Optional[Sequence[ImageInput]] = None, formatted: bool = False, **kwargs: Any
+        self,
+        prompt: str,
+        image_documents: Sequence[ImageInput] | None = None,
+        formatted: bool = False,
+        **kwargs: Any,
     ) -> CompletionResponseAsyncGen:
         return await self._astream(_completion_args(prompt, image_documents), kwargs, _completion_response)
 

@@ -31,7 +31,8 @@ def make_image_bytes(
 ) -> bytes:
     """A small encoded test image: a solid colour crossed by a white diagonal (not uniform,
     so resizing and encoding do real work). ``fmt`` is any format Pillow writes."""
-    from PIL import Image as PILImage, ImageDraw
+    from PIL import Image as PILImage
+    from PIL import ImageDraw
 
     img = PILImage.new("RGB", (width, height), color)
     ImageDraw.Draw(img).line((0, 0, width, height), fill=(255, 255, 255), width=3)
@@ -209,9 +210,7 @@ def _byte_level_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
-    )
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
         model_max_length=1_000_000,

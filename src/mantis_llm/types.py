@@ -11,9 +11,10 @@ import base64
 import binascii
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Sequence, Union
+from typing import Any, Literal, Union
 
 from .errors import ImageError, InvalidRequestError
 
@@ -52,9 +53,7 @@ class Image:
             elif lower.startswith("data:"):
                 self.kind, self.source = "data_uri", s
             elif "://" in s[:16]:
-                raise ImageError(
-                    f"unsupported image URL scheme in {s[:40]!r}: use http(s), a data URI, or a file path"
-                )
+                raise ImageError(f"unsupported image URL scheme in {s[:40]!r}: use http(s), a data URI, or a file path")
             elif not s:
                 raise ImageError("empty image source")
             else:
@@ -73,7 +72,7 @@ class Image:
             )
 
     @classmethod
-    def from_base64(cls, b64: str, mime_type: str | None = None) -> "Image":
+    def from_base64(cls, b64: str, mime_type: str | None = None) -> Image:
         """An image from a base64 string (no ``data:`` prefix)."""
         try:
             data = base64.b64decode(b64, validate=True)
@@ -185,9 +184,7 @@ class Turn:
             self.parts = list(self.parts)
         for p in self.parts:
             if not isinstance(p, (str, Image)):
-                raise InvalidRequestError(
-                    f"message part of type {type(p).__name__} is neither text nor Image"
-                )
+                raise InvalidRequestError(f"message part of type {type(p).__name__} is neither text nor Image")
 
     @property
     def images(self) -> list[Image]:
@@ -214,7 +211,7 @@ class Conversation:
                 raise InvalidRequestError(f"message {i} is a {type(turn).__name__}, not a Turn")
 
     @classmethod
-    def from_prompt(cls, prompt: str, images: Sequence[Any] = (), system: str | None = None) -> "Conversation":
+    def from_prompt(cls, prompt: str, images: Sequence[Any] = (), system: str | None = None) -> Conversation:
         """One user turn: the images first, then the prompt (Mantis's own example order)."""
         if isinstance(images, (str, bytes, bytearray, os.PathLike, Image)) or _is_pil(images):
             images = [images]  # one image, not a sequence of characters or bytes
@@ -268,7 +265,7 @@ class GenerationParams:
                 raise bad("stop", "every stop sequence must be a non-empty string")
             object.__setattr__(self, "stop", stop or None)
 
-    def merged(self, **overrides: Any) -> "GenerationParams":
+    def merged(self, **overrides: Any) -> GenerationParams:
         """A copy with every non-None override applied (call-time kwargs over defaults)."""
         changes = {k: v for k, v in overrides.items() if v is not None}
         return replace(self, **changes) if changes else self

@@ -61,7 +61,9 @@ def test_missing_image_file(capsys, monkeypatch, tmp_path, image_files):
 def test_unsupported_scheme(capsys, monkeypatch):
     monkeypatch.setenv("FAL_KEY", "dummy")
     code, _, err = run(capsys, "ask", "ftp://example.com/x.png", "--prompt", "hi")
-    assert code == 2 and one_line(err).startswith("error: image 1: unsupported image URL scheme in 'ftp://example.com/x.png'")
+    assert code == 2 and one_line(err).startswith(
+        "error: image 1: unsupported image URL scheme in 'ftp://example.com/x.png'"
+    )
 
 
 def test_bad_backend_name(capsys, image_files):
@@ -97,13 +99,16 @@ def test_help_and_version(capsys):
     assert code == 0 and "--prompt" in out and "--backend {fal,local}" in out
 
 
-@pytest.mark.parametrize("entry", [[sys.executable, "-m", "mantis_llm"], [str(Path(sys.executable).parent / "mantis-llm")]])
+@pytest.mark.parametrize(
+    "entry", [[sys.executable, "-m", "mantis_llm"], [str(Path(sys.executable).parent / "mantis-llm")]]
+)
 def test_entry_points_exit_2_without_key(entry, image_files):
     if not Path(entry[0]).exists():
         pytest.skip("console script not installed")
     env = {k: v for k, v in __import__("os").environ.items() if k not in FAL_ENV}
-    out = subprocess.run(entry + ["ask", str(image_files[0]), "-p", "hi"], capture_output=True, text=True,
-                         env=env, timeout=60)
+    out = subprocess.run(
+        entry + ["ask", str(image_files[0]), "-p", "hi"], capture_output=True, text=True, env=env, timeout=60
+    )
     assert out.returncode == 2 and out.stdout == ""
     assert one_line(out.stderr).startswith("error: FAL_KEY is not set")
 
@@ -203,8 +208,13 @@ def test_ctrl_c_exits_130_without_traceback(image_files):
     with FalEmulator(key=None, hang=True) as emulator:
         env = {k: v for k, v in os.environ.items() if k not in FAL_ENV}
         env.update(FAL_KEY="dummy", FAL_QUEUE_URL=emulator.url, FAL_RUN_URL=emulator.url + "/run")
-        proc = subprocess.Popen([sys.executable, "-m", "mantis_llm", "ask", str(image_files[0]), "-p", "hi"],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mantis_llm", "ask", str(image_files[0]), "-p", "hi"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             deadline = time.monotonic() + 20
             while not emulator.submissions and time.monotonic() < deadline:
@@ -235,8 +245,20 @@ def tiny_model(tmp_path_factory):
 
 
 def test_ask_local_backend(capsys, tiny_model, image_files):
-    base = ["ask", *map(str, image_files), "-p", QUESTION, "--backend", "local", "--model", tiny_model,
-            "--max-tokens", "6", "--temperature", "0"]
+    base = [
+        "ask",
+        *map(str, image_files),
+        "-p",
+        QUESTION,
+        "--backend",
+        "local",
+        "--model",
+        tiny_model,
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+    ]
     code, out, err = run(capsys, *base, "--json")
     assert code == 0, err
     data = json.loads(out)
@@ -249,7 +271,8 @@ def test_ask_local_backend(capsys, tiny_model, image_files):
 
 def test_ask_local_missing_model(capsys, tmp_path, image_files):
     pytest.importorskip("mantis_llm.backends.transformers", reason="the local backend has not landed yet")
-    code, out, err = run(capsys, "ask", str(image_files[0]), "-p", "hi", "--backend", "local",
-                         "--model", str(tmp_path / "no-such-model"))
+    code, out, err = run(
+        capsys, "ask", str(image_files[0]), "-p", "hi", "--backend", "local", "--model", str(tmp_path / "no-such-model")
+    )
     assert code == 2 and out == ""
     assert one_line(err).startswith("error: ")

@@ -34,7 +34,11 @@ def test_every_error_pickles_with_its_fields(cls):
     back = pickle.loads(pickle.dumps(e))
     assert type(back) is cls and isinstance(back, MantisError)
     assert (back.message, back.request_id, back.status_code, back.detail) == (
-        "boom", "r1", 422, [{"loc": ["body"], "msg": "bad"}])
+        "boom",
+        "r1",
+        422,
+        [{"loc": ["body"], "msg": "bad"}],
+    )
     assert str(back) == str(e)
 
 

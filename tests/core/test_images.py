@@ -45,8 +45,14 @@ def rgba_png(w=40, h=30) -> bytes:
 
 @pytest.mark.parametrize(
     "fmt, mime",
-    [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp"), ("GIF", "image/gif"),
-     ("BMP", "image/bmp"), ("TIFF", "image/tiff")],
+    [
+        ("PNG", "image/png"),
+        ("JPEG", "image/jpeg"),
+        ("WEBP", "image/webp"),
+        ("GIF", "image/gif"),
+        ("BMP", "image/bmp"),
+        ("TIFF", "image/tiff"),
+    ],
 )
 def test_sniff_mime_from_real_encodings(make_image, fmt, mime):
     assert sniff_mime(make_image(8, 8, fmt=fmt)) == mime
@@ -93,8 +99,19 @@ def _bad_inputs(png: bytes, jpeg: bytes) -> dict[str, tuple[bytes, str]]:
 
 @pytest.mark.parametrize(
     "case",
-    ["empty", "pdf", "svg", "html", "text", "unknown", "truncated-jpeg", "truncated-png", "corrupt-png",
-     "magic-only", "tiff"],
+    [
+        "empty",
+        "pdf",
+        "svg",
+        "html",
+        "text",
+        "unknown",
+        "truncated-jpeg",
+        "truncated-png",
+        "corrupt-png",
+        "magic-only",
+        "tiff",
+    ],
 )
 @pytest.mark.parametrize("func", ["load_pil", "encode_for_fal"])
 def test_malformed_input_raises_labeled_image_error(make_image, case, func):
@@ -178,8 +195,14 @@ def test_no_label_means_plain_message(png_bytes):
 
 
 def test_options_validate():
-    for bad in ({"max_bytes": 0}, {"max_pixels": -1}, {"short_side": 0}, {"fetch_timeout": 0},
-                {"max_redirects": -1}, {"short_side": True}):
+    for bad in (
+        {"max_bytes": 0},
+        {"max_pixels": -1},
+        {"short_side": 0},
+        {"fetch_timeout": 0},
+        {"max_redirects": -1},
+        {"short_side": True},
+    ):
         with pytest.raises(ConfigurationError, match="ImageOptions"):
             ImageOptions(**bad)
 
@@ -223,9 +246,17 @@ def test_alpha_is_composited_on_white():
     assert img.getpixel((0, 0)) == (0, 0, 255)
 
 
-@pytest.mark.parametrize("size, expected", [((2000, 1000), (1344, 672)), ((1000, 3000), (672, 2016)),
-                                            ((700, 701), (672, 673)), ((672, 5000), (672, 5000)),
-                                            ((3000, 1500), (1344, 672)), ((1401, 4203), (672, 2016))])
+@pytest.mark.parametrize(
+    "size, expected",
+    [
+        ((2000, 1000), (1344, 672)),
+        ((1000, 3000), (672, 2016)),
+        ((700, 701), (672, 673)),
+        ((672, 5000), (672, 5000)),
+        ((3000, 1500), (1344, 672)),
+        ((1401, 4203), (672, 2016)),
+    ],
+)
 def test_resize_keeps_aspect_ratio_and_short_side(make_image, size, expected):
     img = load_pil(make_image(*size, fmt="JPEG"))
     assert min(img.size) == min(expected)  # exact short side
@@ -327,15 +358,21 @@ def test_pil_and_data_uri_and_path_sources(png_bytes, tmp_path):
 
 def test_labeled_images_counts_per_message(png_bytes, jpeg_bytes):
     a, b, c, d = (Image(x) for x in (png_bytes, jpeg_bytes, png_bytes, jpeg_bytes))
-    conv = Conversation([
-        Turn("system", ["be brief"]),
-        Turn("user", [a, "first", b]),
-        Turn("assistant", ["ok"]),
-        Turn("user", ["and", c, d]),
-    ])
+    conv = Conversation(
+        [
+            Turn("system", ["be brief"]),
+            Turn("user", [a, "first", b]),
+            Turn("assistant", ["ok"]),
+            Turn("user", ["and", c, d]),
+        ]
+    )
     got = labeled_images(conv)
     assert [label for label, _ in got] == [
-        "image 1 of message 2", "image 2 of message 2", "image 1 of message 4", "image 2 of message 4"]
+        "image 1 of message 2",
+        "image 2 of message 2",
+        "image 1 of message 4",
+        "image 2 of message 4",
+    ]
     assert [img for _, img in got] == [a, b, c, d] == conv.images
 
 

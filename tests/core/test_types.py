@@ -34,8 +34,11 @@ def test_data_uri_image(png_bytes):
 
 @pytest.mark.parametrize(
     "uri, match",
-    [("data:image/png,rawtext", "must be base64"), ("data:image/png;base64", "no ','"),
-     ("data:image/png;base64,!!!", "invalid base64")],
+    [
+        ("data:image/png,rawtext", "must be base64"),
+        ("data:image/png;base64", "no ','"),
+        ("data:image/png;base64,!!!", "invalid base64"),
+    ],
 )
 def test_bad_data_uris(uri, match):
     with pytest.raises(ImageError, match=match):
@@ -103,8 +106,12 @@ def test_image_copy_and_from_base64(png_bytes):
 
 @pytest.mark.parametrize(
     "src, match",
-    [("", "empty image source"), ("ftp://host/x.png", "unsupported image URL scheme"),
-     (123, "unsupported image source of type int"), (None, "NoneType")],
+    [
+        ("", "empty image source"),
+        ("ftp://host/x.png", "unsupported image URL scheme"),
+        (123, "unsupported image source of type int"),
+        (None, "NoneType"),
+    ],
 )
 def test_bad_sources(src, match):
     with pytest.raises(ImageError, match=match):

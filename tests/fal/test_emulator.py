@@ -48,8 +48,10 @@ def client(emu):
 @pytest.fixture
 def payload(png_bytes):
     uri = "data:image/png;base64," + base64.b64encode(png_bytes).decode()
-    return {"prompt": "USER: compare <image> and <image> ASSISTANT:", "images": [
-        {"image_url": uri}, {"image_url": "https://example.com/cat.jpg"}]}
+    return {
+        "prompt": "USER: compare <image> and <image> ASSISTANT:",
+        "images": [{"image_url": uri}, {"image_url": "https://example.com/cat.jpg"}],
+    }
 
 
 def sse_events(response: httpx.Response) -> list[dict]:
@@ -59,7 +61,7 @@ def sse_events(response: httpx.Response) -> list[dict]:
         if not block or block.startswith(":"):
             continue
         assert block.startswith("data: ") and "\n" not in block, block
-        events.append(json.loads(block[len("data: "):]))
+        events.append(json.loads(block[len("data: ") :]))
     assert response.text.endswith("\n\n")
     return events
 
@@ -110,7 +112,9 @@ def test_submit_status_result(emu, client, payload):
 def test_digest_tells_requests_apart(payload):
     other = {**payload, "images": payload["images"][::-1]}
     assert expected_digest(payload) != expected_digest(other)
-    assert expected_digest(payload) == FalEmulator.digest(payload["prompt"], [i["image_url"] for i in payload["images"]])
+    assert expected_digest(payload) == FalEmulator.digest(
+        payload["prompt"], [i["image_url"] for i in payload["images"]]
+    )
     assert len(expected_digest(payload)) == 8
 
 
@@ -156,8 +160,14 @@ def test_queue_positions_with_concurrency_limit(client, payload):
 
 
 def test_validation_error_surfaces_at_result(emu, client, payload):
-    bad = {**payload, "images": [{"image_url": "data:image/png;base64,@@@"}, {"image_url": "ftp://x/y.png"}],
-           "max_tokens": 0, "temperature": 3, "top_p": 0, "extra_field": "ignored"}
+    bad = {
+        **payload,
+        "images": [{"image_url": "data:image/png;base64,@@@"}, {"image_url": "ftp://x/y.png"}],
+        "max_tokens": 0,
+        "temperature": 3,
+        "top_p": 0,
+        "extra_field": "ignored",
+    }
     r = client.post(f"{emu.url}/{APP}", json=bad)
     assert r.status_code == 200  # accepted, like fal
     done = wait_done(client, r.json())
@@ -184,10 +194,16 @@ def test_validation_error_surfaces_at_result(emu, client, payload):
         ({"prompt": "hi", "images": []}, ["body", "images"], "too_short"),
         ({"prompt": "hi", "images": "https://a/b.png"}, ["body", "images"], "list_type"),
         ({"prompt": "hi", "images": [{"url": "https://a/b.png"}]}, ["body", "images", 0, "image_url"], "missing"),
-        ({"prompt": "hi", "images": [{"image_url": "data:text/plain;base64,aGk="}]},
-         ["body", "images", 0, "image_url"], "image_load_error"),
-        ({"prompt": "hi", "images": [{"image_url": "data:image/png;base64,aGVsbG8="}]},  # valid b64, not a PNG
-         ["body", "images", 0, "image_url"], "image_load_error"),
+        (
+            {"prompt": "hi", "images": [{"image_url": "data:text/plain;base64,aGk="}]},
+            ["body", "images", 0, "image_url"],
+            "image_load_error",
+        ),
+        (
+            {"prompt": "hi", "images": [{"image_url": "data:image/png;base64,aGVsbG8="}]},  # valid b64, not a PNG
+            ["body", "images", 0, "image_url"],
+            "image_load_error",
+        ),
         ({"prompt": "hi", "images": [{"image_url": "https://a/b.png"}], "seed": "x"}, ["body", "seed"], "int_type"),
         ([1, 2], ["body"], "dict_type"),
     ],
@@ -289,14 +305,22 @@ def test_sync_job_error(emu, client, payload):
 # ------------------------------------------------------------------ auth and routing
 
 
-@pytest.mark.parametrize("header, status", [
-    (None, 401), ("Key wrong", 401), ("Bearer emulator-key-id:emulator-key-secret", 401),
-    (f"Key {FORBIDDEN_KEY}", 403),
-])
+@pytest.mark.parametrize(
+    "header, status",
+    [
+        (None, 401),
+        ("Key wrong", 401),
+        ("Bearer emulator-key-id:emulator-key-secret", 401),
+        (f"Key {FORBIDDEN_KEY}", 403),
+    ],
+)
 def test_auth(emu, payload, header, status):
     headers = {"Authorization": header} if header else {}
-    for method, url in (("POST", f"{emu.url}/{APP}"), ("POST", f"{emu.run_url}/{APP}"),
-                        ("GET", f"{emu.url}/{APP}/requests/x/status")):
+    for method, url in (
+        ("POST", f"{emu.url}/{APP}"),
+        ("POST", f"{emu.run_url}/{APP}"),
+        ("GET", f"{emu.url}/{APP}/requests/x/status"),
+    ):
         r = httpx.request(method, url, json=payload, headers=headers)
         assert r.status_code == status and "detail" in r.json()
     assert emu.submissions == []
@@ -304,7 +328,10 @@ def test_auth(emu, payload, header, status):
 
 def test_any_key_mode(payload):
     with FalEmulator(key=None) as emu:
-        assert httpx.post(f"{emu.run_url}/{APP}", json=payload, headers={"Authorization": "Key anything"}).status_code == 200
+        assert (
+            httpx.post(f"{emu.run_url}/{APP}", json=payload, headers={"Authorization": "Key anything"}).status_code
+            == 200
+        )
         assert httpx.post(f"{emu.run_url}/{APP}", json=payload, headers={"Authorization": "Key"}).status_code == 401
         assert emu.env()["FAL_KEY"]
 
@@ -333,8 +360,11 @@ def test_storage_upload_flow(emu, client, png_bytes):
     from datetime import datetime, timezone
 
     assert datetime.fromisoformat(token["expires_at"]) > datetime.now(timezone.utc)  # what fal-client parses
-    headers = {"Authorization": f"{token['token_type']} {token['token']}", "Content-Type": "image/png",
-               "X-Fal-File-Name": "red.png"}
+    headers = {
+        "Authorization": f"{token['token_type']} {token['token']}",
+        "Content-Type": "image/png",
+        "X-Fal-File-Name": "red.png",
+    }
     r = httpx.post(f"{token['base_url']}/files/upload", content=png_bytes, headers=headers)
     assert r.status_code == 200
     url = r.json()["access_url"]
@@ -374,7 +404,9 @@ def test_invalid_input_does_not_consume_script(emu, client, payload):
 def test_script_callable_and_hang(emu, client, payload):
     emu.script(lambda p: HANG if p["prompt"] == "hang" else (None if p["prompt"] == "model" else p["prompt"].upper()))
     assert client.post(f"{emu.run_url}/{APP}", json={**payload, "prompt": "abc"}).json()["output"] == "ABC"
-    assert client.post(f"{emu.run_url}/{APP}", json={**payload, "prompt": "model"}).json()["output"].startswith("[mantis")
+    assert (
+        client.post(f"{emu.run_url}/{APP}", json={**payload, "prompt": "model"}).json()["output"].startswith("[mantis")
+    )
     sub = client.post(f"{emu.url}/{APP}", json={**payload, "prompt": "hang"}).json()
     time.sleep(0.1)  # two service times: a normal job would be done
     assert client.get(sub["status_url"]).json()["status"] == "IN_PROGRESS"
@@ -414,8 +446,12 @@ def test_ingress_503_429_500_shapes(emu, client, payload):
 @pytest.mark.parametrize("kind", ["500", "429"])
 def test_injected_errors_on_a_job_route_carry_that_jobs_id(emu, client, payload, route, kind):
     sub = client.post(f"{emu.url}/{APP}", json=payload).json()
-    url = {"status": sub["status_url"], "stream": sub["status_url"] + "/stream", "result": sub["response_url"],
-           "cancel": sub["cancel_url"]}[route]
+    url = {
+        "status": sub["status_url"],
+        "stream": sub["status_url"] + "/stream",
+        "result": sub["response_url"],
+        "cancel": sub["cancel_url"],
+    }[route]
     emu.inject(kind, route=route)
     r = client.request("PUT" if route == "cancel" else "GET", url)
     assert r.status_code == int(kind) and r.headers["x-fal-request-id"] == sub["request_id"]
@@ -454,9 +490,12 @@ def test_cut_sse_streams(emu, client, payload):
         list(lines)
     assert emu.requests[-1].fault == "cut"
     emu.faults = Faults(cut=1.0)
-    with pytest.raises(httpx.RemoteProtocolError), client.stream("POST", f"{emu.run_url}/{APP}/stream", json=payload) as r:
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        client.stream("POST", f"{emu.run_url}/{APP}/stream", json=payload) as r,
+    ):
         lines = r.iter_lines()
-        assert json.loads(next(lines)[len("data: "):])["partial"] is True
+        assert json.loads(next(lines)[len("data: ") :])["partial"] is True
         list(lines)
     assert client.get(sub["status_url"]).status_code in (200, 202)  # other routes unaffected
 
@@ -514,8 +553,13 @@ def test_recorder_and_reset(emu, client, payload):
 def test_urls_and_env(emu):
     assert emu.url.startswith("http://127.0.0.1:") and emu.queue_url == emu.url
     assert (emu.run_url, emu.rest_url, emu.cdn_url) == (emu.url + "/run", emu.url + "/rest", emu.url + "/cdn")
-    assert emu.env() == {"FAL_KEY": emu.key, "FAL_QUEUE_URL": emu.url, "FAL_RUN_URL": emu.run_url,
-                         "FAL_REST_URL": emu.rest_url, "FAL_CDN_URL": emu.cdn_url}
+    assert emu.env() == {
+        "FAL_KEY": emu.key,
+        "FAL_QUEUE_URL": emu.url,
+        "FAL_RUN_URL": emu.run_url,
+        "FAL_REST_URL": emu.rest_url,
+        "FAL_CDN_URL": emu.cdn_url,
+    }
     assert emu.key not in repr(emu)
 
 
@@ -558,16 +602,22 @@ async def test_concurrent_async_clients(payload):
 
 
 def test_cli_help_and_run():
-    out = subprocess.run([sys.executable, "-m", "mantis_llm.emulator", "--help"], capture_output=True, text=True,
-                         timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "mantis_llm.emulator", "--help"], capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 0 and "--service-time" in out.stdout and "--port" in out.stdout
-    proc = subprocess.Popen([sys.executable, "-m", "mantis_llm.emulator", "--key", "k:s"],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mantis_llm.emulator", "--key", "k:s"], stdout=subprocess.PIPE, text=True
+    )
     try:
         env = dict(proc.stdout.readline().removeprefix("export ").strip().split("=", 1) for _ in range(5))
         assert env["FAL_KEY"] == "k:s"
-        r = httpx.post(f"{env['FAL_RUN_URL']}/{APP}", headers={"Authorization": "Key k:s"},
-                       json={"prompt": "hi", "images": [{"image_url": "https://a/b.png"}]}, timeout=10)
+        r = httpx.post(
+            f"{env['FAL_RUN_URL']}/{APP}",
+            headers={"Authorization": "Key k:s"},
+            json={"prompt": "hi", "images": [{"image_url": "https://a/b.png"}]},
+            timeout=10,
+        )
         assert r.status_code == 200 and r.json()["output"].startswith("[mantis-emulator] 1 image;")
     finally:
         proc.terminate()
@@ -579,8 +629,12 @@ def test_official_fal_client_speaks_to_it(emu, monkeypatch, png_bytes):
     fal_client = pytest.importorskip("fal_client")
     import fal_client.client as fc
 
-    for name, value in (("QUEUE_URL_FORMAT", emu.url + "/"), ("RUN_URL_FORMAT", emu.run_url + "/"),
-                        ("REST_URL", emu.rest_url), ("CDN_URL", emu.cdn_url)):
+    for name, value in (
+        ("QUEUE_URL_FORMAT", emu.url + "/"),
+        ("RUN_URL_FORMAT", emu.run_url + "/"),
+        ("REST_URL", emu.rest_url),
+        ("CDN_URL", emu.cdn_url),
+    ):
         monkeypatch.setattr(fc, name, value)
     c = fal_client.SyncClient(key=emu.key)
     url = c.upload(png_bytes, "image/png", "red.png")

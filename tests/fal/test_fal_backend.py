@@ -137,7 +137,11 @@ def test_params_are_sent_only_when_set_and_max_tokens_truncates(emu, make):
     r = make().generate(req(max_tokens=3, temperature=0.5, top_p=0.9, seed=7))
     payload = emu.submissions[0].payload
     assert {k: payload[k] for k in ("max_tokens", "temperature", "top_p", "seed")} == {
-        "max_tokens": 3, "temperature": 0.5, "top_p": 0.9, "seed": 7}
+        "max_tokens": 3,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "seed": 7,
+    }
     assert "max_new_tokens" not in payload
     assert len(r.text.split()) == 3
 
@@ -539,7 +543,12 @@ def test_env_configures_everything(emu, monkeypatch):
     for k, v in emu.env().items():
         monkeypatch.setenv(k, v)
     with FalBackend() as b:
-        assert (b.queue_url, b.run_url, b.rest_url, b.cdn_url) == (emu.queue_url, emu.run_url, emu.rest_url, emu.cdn_url)
+        assert (b.queue_url, b.run_url, b.rest_url, b.cdn_url) == (
+            emu.queue_url,
+            emu.run_url,
+            emu.rest_url,
+            emu.cdn_url,
+        )
         assert b.generate(req()).text == expected(emu)
     monkeypatch.delenv("FAL_KEY")
     key_id, secret = emu.key.split(":")
@@ -565,14 +574,35 @@ def test_missing_key_and_bad_options(monkeypatch):
 @pytest.mark.parametrize(
     "name, value",
     [
-        ("api_key", 12345), ("api_key", b"key:secret"), ("api_key", ""), ("api_key", SecretStr("  ")),
-        ("queue_url", 8080), ("run_url", b"https://fal.run"), ("rest_url", ["https://rest.fal.ai"]),
-        ("cdn_url", 1.5), ("timeout", "30"), ("timeout", True), ("timeout", 0), ("timeout", float("inf")),
-        ("timeout", float("nan")), ("max_retries", 2.0), ("max_retries", True), ("extra_input", [("seed", 1)]),
-        ("extra_input", {1: "x"}), ("upload_threshold", "1MB"), ("upload_threshold", 0),
-        ("upload_threshold", False), ("max_concurrency", 0), ("max_concurrency", 4.0), ("max_concurrency", True),
-        ("image_options", {"short_side": 336}), ("client", httpx.AsyncClient), ("async_client", "client"),
-        ("with_logs", "yes"), ("with_logs", 1), ("mode", ["queue"]),
+        ("api_key", 12345),
+        ("api_key", b"key:secret"),
+        ("api_key", ""),
+        ("api_key", SecretStr("  ")),
+        ("queue_url", 8080),
+        ("run_url", b"https://fal.run"),
+        ("rest_url", ["https://rest.fal.ai"]),
+        ("cdn_url", 1.5),
+        ("timeout", "30"),
+        ("timeout", True),
+        ("timeout", 0),
+        ("timeout", float("inf")),
+        ("timeout", float("nan")),
+        ("max_retries", 2.0),
+        ("max_retries", True),
+        ("extra_input", [("seed", 1)]),
+        ("extra_input", {1: "x"}),
+        ("upload_threshold", "1MB"),
+        ("upload_threshold", 0),
+        ("upload_threshold", False),
+        ("max_concurrency", 0),
+        ("max_concurrency", 4.0),
+        ("max_concurrency", True),
+        ("image_options", {"short_side": 336}),
+        ("client", httpx.AsyncClient),
+        ("async_client", "client"),
+        ("with_logs", "yes"),
+        ("with_logs", 1),
+        ("mode", ["queue"]),
     ],
 )
 def test_wrongly_typed_options_name_the_parameter(name, value):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import random
-from email.utils import format_datetime
 from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
 
 import httpx
 import pytest
@@ -19,9 +19,14 @@ KEY = "proto-key-id:proto-key-secret"
 
 def cfg(**kw) -> proto.FalConfig:
     base = dict(
-        endpoint="fal-ai/mantis-llava-7b-v11", key=SecretStr(KEY), queue_url="https://queue.fal.run",
-        run_url="https://fal.run", rest_url="https://rest.fal.ai", cdn_url="https://v3.fal.media",
-        timeout=10.0, max_retries=3,
+        endpoint="fal-ai/mantis-llava-7b-v11",
+        key=SecretStr(KEY),
+        queue_url="https://queue.fal.run",
+        run_url="https://fal.run",
+        rest_url="https://rest.fal.ai",
+        cdn_url="https://v3.fal.media",
+        timeout=10.0,
+        max_retries=3,
     )
     base.update(kw)
     return proto.FalConfig(**base)
@@ -43,8 +48,9 @@ class FakeClock:
 
 def make_call(clock=None, on_update=None, stop=None, **kw) -> proto.Call:
     req = Request(Conversation.from_prompt("hi", ["https://example.org/a.png"]), GenerationParams(stop=stop))
-    return proto.Call(cfg(**kw), proto.SharedState(), req, on_update=on_update, clock=clock or FakeClock(),
-                      rng=random.Random(0))
+    return proto.Call(
+        cfg(**kw), proto.SharedState(), req, on_update=on_update, clock=clock or FakeClock(), rng=random.Random(0)
+    )
 
 
 def drive(flow, answer):
@@ -67,7 +73,7 @@ def drive(flow, answer):
 def test_sse_decoder_handles_split_chunks_comments_and_crlf():
     d = proto.SSEDecoder()
     assert d.feed(b': ping\n\ndata: {"a"') == []
-    assert d.feed(b': 1}\r\n\r\ndata: x\ndata: y\n') == ['{"a": 1}']
+    assert d.feed(b": 1}\r\n\r\ndata: x\ndata: y\n") == ['{"a": 1}']
     assert d.feed(b"\n") == ["x\ny"]
     assert d.feed(b"event: foo\nid: 3\n\n") == []  # no data: no event
 
@@ -141,13 +147,25 @@ def test_backoff_is_full_jitter_and_capped():
         (403, {"detail": "Forbidden"}, {}, "submit", errors.AuthenticationError, ["FAL_KEY"]),
         (404, {"detail": "Application 'x' not found"}, {}, "submit", errors.EndpointNotFoundError, ["retired"]),
         (404, {"detail": "Request not found"}, {}, "result", errors.InvalidRequestError, ["not found"]),
-        (422, {"detail": [{"loc": ["body", "images", 0, "image_url"], "msg": "bad url", "type": "url"}]}, {},
-         "result", errors.InvalidRequestError, ["images.0.image_url: bad url"]),
+        (
+            422,
+            {"detail": [{"loc": ["body", "images", 0, "image_url"], "msg": "bad url", "type": "url"}]},
+            {},
+            "result",
+            errors.InvalidRequestError,
+            ["images.0.image_url: bad url"],
+        ),
         (400, {"detail": "bad"}, {}, "submit", errors.InvalidRequestError, ["bad"]),
         (413, {"detail": "too big"}, {}, "submit", errors.InvalidRequestError, ["upload_threshold"]),
         (429, {"detail": "slow down"}, {}, "submit", errors.RateLimitError, ["slow down"]),
-        (503, {"detail": "Runner disconnected", "error_type": "runner_disconnected"}, {"x-fal-request-id": "r-9"},
-         "result", errors.BackendError, ["runner_disconnected", "Runner disconnected"]),
+        (
+            503,
+            {"detail": "Runner disconnected", "error_type": "runner_disconnected"},
+            {"x-fal-request-id": "r-9"},
+            "result",
+            errors.BackendError,
+            ["runner_disconnected", "Runner disconnected"],
+        ),
         (500, None, {}, "status", errors.BackendError, ["nginx"]),
     ],
 )
@@ -191,9 +209,16 @@ def test_stop_trimmer(pieces, stop, released, final, stopped):
 
 
 def test_key_goes_only_to_configured_fal_hosts():
-    c = cfg(queue_url="http://127.0.0.1:9000", run_url="http://127.0.0.1:9000/run", rest_url="http://127.0.0.1:9000/rest")
+    c = cfg(
+        queue_url="http://127.0.0.1:9000", run_url="http://127.0.0.1:9000/run", rest_url="http://127.0.0.1:9000/rest"
+    )
     assert c.build("GET", "http://127.0.0.1:9000/a/b", timeout=1).headers["authorization"] == "Key " + KEY
-    for url in ("http://127.0.0.1:9001/a", "http://localhost:9000/a", "https://127.0.0.1:9000/a", "https://evil.example/a"):
+    for url in (
+        "http://127.0.0.1:9001/a",
+        "http://localhost:9000/a",
+        "https://127.0.0.1:9000/a",
+        "https://evil.example/a",
+    ):
         assert "authorization" not in c.build("GET", url, timeout=1).headers
     assert "authorization" not in c.build("POST", "http://127.0.0.1:9000/cdn", timeout=1, key_auth=False).headers
     # the default ports count as the same host
@@ -214,9 +239,12 @@ def test_token_expiry_is_respected():
 # ------------------------------------------------------------------ flows, fed by hand
 
 
-SUBMIT = {"request_id": "r-1", "status_url": "https://queue.fal.run/fal-ai/mantis-llava-7b-v11/requests/r-1/status",
-          "response_url": "https://queue.fal.run/fal-ai/mantis-llava-7b-v11/requests/r-1",
-          "cancel_url": "https://queue.fal.run/fal-ai/mantis-llava-7b-v11/requests/r-1/cancel"}
+SUBMIT = {
+    "request_id": "r-1",
+    "status_url": "https://queue.fal.run/fal-ai/mantis-llava-7b-v11/requests/r-1/status",
+    "response_url": "https://queue.fal.run/fal-ai/mantis-llava-7b-v11/requests/r-1",
+    "cancel_url": "https://queue.fal.run/fal-ai/mantis-llava-7b-v11/requests/r-1/cancel",
+}
 
 
 def queue_answers(*, stream_code=200, status_bodies=(), submit=SUBMIT, clock=None):
@@ -250,10 +278,15 @@ def queue_answers(*, stream_code=200, status_bodies=(), submit=SUBMIT, clock=Non
 def test_queue_flow_polls_when_the_stream_is_missing_and_remembers_it():
     updates = []
     call = make_call(on_update=updates.append, stop=("USER:",))
-    bodies = [{"status": "IN_QUEUE", "queue_position": 1}, {"status": "IN_PROGRESS", "logs": [{"message": "a"}]},
-              {"status": "IN_PROGRESS", "logs": [{"message": "a"}, {"message": "b"}]},
-              {"status": "COMPLETED", "logs": [{"message": "a"}, {"message": "b"}], "metrics": {"inference_time": 1.5}}]
-    seen, result = drive(proto.run_flow("queue", call, ImageOptions()), queue_answers(stream_code=404, status_bodies=bodies))
+    bodies = [
+        {"status": "IN_QUEUE", "queue_position": 1},
+        {"status": "IN_PROGRESS", "logs": [{"message": "a"}]},
+        {"status": "IN_PROGRESS", "logs": [{"message": "a"}, {"message": "b"}]},
+        {"status": "COMPLETED", "logs": [{"message": "a"}, {"message": "b"}], "metrics": {"inference_time": 1.5}},
+    ]
+    seen, result = drive(
+        proto.run_flow("queue", call, ImageOptions()), queue_answers(stream_code=404, status_bodies=bodies)
+    )
     assert result is None, result
     emit = [a for a in seen if isinstance(a, proto.Emit)][-1]
     r = emit.chunk.response
@@ -262,7 +295,10 @@ def test_queue_flow_polls_when_the_stream_is_missing_and_remembers_it():
     assert call.state.status_stream is False  # the next call goes straight to polling
     # each log line reported once, positions and statuses in order
     assert [(u.status, u.queue_position, [l["message"] for l in u.logs]) for u in updates] == [
-        ("IN_QUEUE", None, []), ("IN_QUEUE", 1, []), ("IN_PROGRESS", None, ["a"]), ("IN_PROGRESS", None, ["b"]),
+        ("IN_QUEUE", None, []),
+        ("IN_QUEUE", 1, []),
+        ("IN_PROGRESS", None, ["a"]),
+        ("IN_PROGRESS", None, ["b"]),
         ("COMPLETED", None, []),
     ]
     sleeps = [a.seconds for a in seen if isinstance(a, proto.Sleep)]
@@ -270,12 +306,15 @@ def test_queue_flow_polls_when_the_stream_is_missing_and_remembers_it():
 
 
 def test_queue_flow_rebuilds_urls_that_point_to_another_host():
-    evil = {k: v.replace("https://queue.fal.run", "https://attacker.example") if isinstance(v, str) else v
-            for k, v in SUBMIT.items()}
+    evil = {
+        k: v.replace("https://queue.fal.run", "https://attacker.example") if isinstance(v, str) else v
+        for k, v in SUBMIT.items()
+    }
     call = make_call()
     bodies = [{"status": "COMPLETED"}]
-    seen, result = drive(proto.run_flow("queue", call, ImageOptions()), queue_answers(stream_code=404, status_bodies=bodies,
-                                                                            submit=evil))
+    seen, result = drive(
+        proto.run_flow("queue", call, ImageOptions()), queue_answers(stream_code=404, status_bodies=bodies, submit=evil)
+    )
     assert result is None, result
     hosts = {a.request.url.host for a in seen if isinstance(a, proto.Send)}
     assert hosts == {"queue.fal.run"}
@@ -285,8 +324,9 @@ def test_queue_flow_cancels_and_times_out_with_the_request_id():
     clock = FakeClock()
     call = make_call(clock=clock, timeout=1.0)
     bodies = [{"status": "IN_PROGRESS"}] * 1000
-    seen, result = drive(proto.run_flow("queue", call, ImageOptions()),
-                         queue_answers(stream_code=404, status_bodies=bodies, clock=clock))
+    seen, result = drive(
+        proto.run_flow("queue", call, ImageOptions()), queue_answers(stream_code=404, status_bodies=bodies, clock=clock)
+    )
     assert isinstance(result, errors.RequestTimeoutError) and result.request_id == "r-1"
     assert seen[-1].request.method == "PUT" and seen[-1].request.url.path.endswith("/r-1/cancel")
 

@@ -229,7 +229,7 @@ class Snapshot:
     sockets: int
 
     @classmethod
-    def take(cls) -> "Snapshot":
+    def take(cls) -> Snapshot:
         return cls({t.ident for t in threading.enumerate() if t.is_alive()}, socket_fds())
 
     def leftovers(self, wait: float = 3.0) -> tuple[list[str], int]:

@@ -37,7 +37,9 @@ tricky = st.sampled_from(
     ["<image>", "</s>", "<s>", "<Image>", "</Image>", "<image", "image>", "<", ">", "USER:", "ASSISTANT:",
      "(image 1: <Image><image></Image>)", "<<image>>", "<im<image>age>", "\n", " ", "", "é", "🙂", "\u200b", "\x00", "\t"]
 )  # fmt: skip
-texts = st.lists(st.one_of(tricky, st.text(st.characters(blacklist_characters="\x01"), max_size=12)), max_size=4).map("".join)
+texts = st.lists(st.one_of(tricky, st.text(st.characters(blacklist_characters="\x01"), max_size=12)), max_size=4).map(
+    "".join
+)
 roles = st.sampled_from(["system", "user", "assistant"])
 turns_st = st.lists(st.tuples(roles, st.lists(st.one_of(texts, st.just(IMG)), max_size=5)), max_size=6)
 
@@ -79,7 +81,10 @@ def test_render_places_one_placeholder_per_image_where_it_stands(spec):
         except InvalidRequestError as exc:
             has_user = any(t.role == "user" for t in conv.turns)
             user_content = any(
-                isinstance(p, Image) or (isinstance(p, str) and p.strip()) for t in conv.turns if t.role == "user" for p in t.parts
+                isinstance(p, Image) or (isinstance(p, str) and p.strip())
+                for t in conv.turns
+                if t.role == "user"
+                for p in t.parts
             )
             assert (not has_user and "no user message" in exc.message) or (
                 has_user and not user_content and "prompt is empty" in exc.message
@@ -96,7 +101,9 @@ def test_render_places_one_placeholder_per_image_where_it_stands(spec):
         order = [int(k) for k in re.findall("\x01(\\d+)\x01", shadow_text)]
         assert [id(images[k]) for k in order] == [id(i) for i in real.images]
         if mode == "local":
-            assert [int(n) for n in re.findall(r"\(image (\d+): <Image><image></Image>\)", real.text)] == list(range(1, len(expected) + 1))
+            assert [int(n) for n in re.findall(r"\(image (\d+): <Image><image></Image>\)", real.text)] == list(
+                range(1, len(expected) + 1)
+            )
         # user text cannot end a turn: every </s> is one of the template's separators
         dialogue = [t for t in conv.turns if t.role != "system"]
         if mode == "local":
@@ -201,7 +208,9 @@ li_image = st.one_of(
     st.just(0).map(lambda _: (ImageBlock(image=PNG, image_mimetype="image/png"), ("bytes", PNG))),
 )
 li_text = texts.map(lambda t: (TextBlock(text=t), ("text", t)))
-li_messages = st.lists(st.tuples(st.sampled_from(list(MessageRole)), st.lists(st.one_of(li_text, li_image), max_size=4)), max_size=5)
+li_messages = st.lists(
+    st.tuples(st.sampled_from(list(MessageRole)), st.lists(st.one_of(li_text, li_image), max_size=4)), max_size=5
+)
 LI_ROLES = {
     MessageRole.SYSTEM: "system", MessageRole.DEVELOPER: "system", MessageRole.USER: "user",
     MessageRole.ASSISTANT: "assistant", MessageRole.CHATBOT: "assistant", MessageRole.MODEL: "assistant",

@@ -145,10 +145,18 @@ def test_the_key_appears_nowhere(secret_emu, other_host, local_backend, closed_p
         texts.append(repr(split.generate(Request(Conversation.from_prompt("Split key", [img_url])))))
         monkeypatch.setenv("FAL_KEY", SECRET)
         # ---- the local backend fetching an image (FAL_KEY is set: it must not travel)
-        texts.append(repr(local_backend.generate(Request(Conversation.from_prompt("hi", [img_url]), GenerationParams(max_tokens=2)))))
+        texts.append(
+            repr(
+                local_backend.generate(
+                    Request(Conversation.from_prompt("hi", [img_url]), GenerationParams(max_tokens=2))
+                )
+            )
+        )
         # ---- the CLI, verbose, success and failure
         assert cli.main(["ask", img_url, "-p", "What is it?", "-v", "--json"]) == 0
-        assert cli.main(["ask", img_url, "-p", "What is it?", "--model", "fal-ai/nothing-here"]) == 1  # a backend failure
+        assert (
+            cli.main(["ask", img_url, "-p", "What is it?", "--model", "fal-ai/nothing-here"]) == 1
+        )  # a backend failure
 
         # ---- every error path
         req = lambda: Request(Conversation.from_prompt("Describe", [img_url]))  # noqa: E731
@@ -174,7 +182,9 @@ def test_the_key_appears_nowhere(secret_emu, other_host, local_backend, closed_p
         err = expect(errors.BackendError, lambda: nowhere.generate(req()), texts)
         assert err.__cause__ is not None  # the httpx error is chained (and rendered above)
         streamer = keep(FalBackend(mode="stream"))
-        expect(errors.InvalidRequestError, lambda: streamer.generate(Request(Conversation.from_prompt("no image"))), texts)
+        expect(
+            errors.InvalidRequestError, lambda: streamer.generate(Request(Conversation.from_prompt("no image"))), texts
+        )
         html = [HumanMessage(content=[{"type": "image", "url": other_host.url + "/page.html"}, "hi"])]
         expect(errors.ImageError, lambda: fetching.invoke(html), texts)
         emu.key = "someone-else:entirely"  # our key is now the wrong one: 401
@@ -198,7 +208,6 @@ def test_the_key_appears_nowhere(secret_emu, other_host, local_backend, closed_p
         dispatcher.event_handlers.remove(events)
         for obj in made:
             obj.close()
-
 
     out, err_out = capfd.readouterr()
     texts += [out, err_out, caplog.text]

@@ -50,7 +50,9 @@ def test_every_request_is_answered_with_its_own_answer(soak):
     assert {o.req.via for o in res.outcomes if o.verdict == "ok"} == {"langchain", "llama_index"}
     for o in res.outcomes:
         if o.verdict == "ok":
-            assert o.text == expected_output(o.req.payload) and f"digest={module.expected_digest(o.req.payload)}" in o.text
+            assert (
+                o.text == expected_output(o.req.payload) and f"digest={module.expected_digest(o.req.payload)}" in o.text
+            )
         else:
             assert isinstance(o.error, errors.BackendError)
 

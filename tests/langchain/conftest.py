@@ -9,7 +9,6 @@ import io
 import httpx
 import pytest
 
-
 # The standard integration tests download this picture (test_image_inputs and friends) and,
 # with supports_image_urls, pass the URL itself to the model. We serve a local picture for
 # it, at the transport level, so the test's own httpx.get and our image fetcher both see it.
@@ -39,9 +38,7 @@ def picture() -> bytes:
 
 
 def _offline_response(request: httpx.Request) -> httpx.Response:
-    return httpx.Response(
-        200, content=PICTURE, headers={"content-type": "image/png"}, request=request
-    )
+    return httpx.Response(200, content=PICTURE, headers={"content-type": "image/png"}, request=request)
 
 
 @pytest.fixture(autouse=True)

@@ -19,10 +19,9 @@ from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, Sys
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import ConfigurableField
+from langgraph.graph import END, START, MessagesState, StateGraph
 from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
-
-from langgraph.graph import END, START, MessagesState, StateGraph
 
 from mantis_llm.backends.fal import FalBackend
 from mantis_llm.emulator import FalEmulator, JobError, expected_output
@@ -126,8 +125,13 @@ def test_every_block_form_reaches_fal(chat, emu, b64, png_bytes):
     urls = [i["image_url"] for i in last_payload(emu)["images"]]
     assert len(urls) == 10 and "10 images" in result.content
     remote = [u for u in urls if u.startswith("https://")]
-    assert remote == [URL_A, URL_B, "https://images.example.com/c.jpg",
-                      "https://images.example.com/d.jpg", "https://images.example.com/e.jpg"]
+    assert remote == [
+        URL_A,
+        URL_B,
+        "https://images.example.com/c.jpg",
+        "https://images.example.com/d.jpg",
+        "https://images.example.com/e.jpg",
+    ]
     inline = [u for u in urls if u.startswith("data:")]
     assert len(inline) == 5
     for uri in inline:  # each inline image arrives as a decodable PNG data URI of our picture
@@ -153,7 +157,9 @@ def test_tool_message_observation_with_image(chat, emu, b64):
     messages = [
         looks_at("zoom in", {"type": "image", "url": URL_A}),
         AIMessage("", tool_calls=[{"name": "zoom", "args": {"x": 1}, "id": "c1", "type": "tool_call"}]),
-        ToolMessage(content=[{"type": "image", "base64": b64, "mime_type": "image/png"}], tool_call_id="c1", name="zoom"),
+        ToolMessage(
+            content=[{"type": "image", "base64": b64, "mime_type": "image/png"}], tool_call_id="c1", name="zoom"
+        ),
     ]
     chat.invoke(messages)
     prompt = last_payload(emu)["prompt"]
@@ -170,7 +176,11 @@ def test_generation_parameters_and_merged_stop(emu, b64):
     assert result.response_metadata["finish_reason"] == "stop"
     payload = last_payload(emu)
     assert {k: payload[k] for k in ("temperature", "max_tokens", "top_p", "seed")} == {
-        "temperature": 0.2, "max_tokens": 50, "top_p": 0.9, "seed": 7}
+        "temperature": 0.2,
+        "max_tokens": 50,
+        "top_p": 0.9,
+        "seed": 7,
+    }
     result = chat.invoke([msg], max_tokens=2)  # per-call value wins
     assert last_payload(emu)["max_tokens"] == 2 and result.content == "one two"
     with pytest.raises(InvalidRequestError, match=r"unsupported call arguments for ChatMantis: \['max_new_tokens'\]"):
@@ -308,8 +318,9 @@ async def test_queue_updates_async_in_order_with_queue_position(emu):
 def test_queue_updates_on_the_v3_stream_events_path(chat, emu):
     """stream_events(version="v3") hands _stream its run manager: updates become events."""
     rec = Recorder()
-    stream = chat.stream_events([looks_at("x", {"type": "image", "url": URL_A})], version="v3",
-                                config={"callbacks": [rec]})
+    stream = chat.stream_events(
+        [looks_at("x", {"type": "image", "url": URL_A})], version="v3", config={"callbacks": [rec]}
+    )
     for _ in stream:
         pass
     assert [data["status"] for name, data in rec.events if name == QUEUE_UPDATE_EVENT][-1] == "COMPLETED"
@@ -583,8 +594,11 @@ def test_local_backend_configuration_builds_nothing():
     chat = ChatMantis(backend="local")
     assert chat.model == "TIGER-Lab/Mantis-llava-7b"
     assert chat._get_ls_params(stop=["x"]) == {
-        "ls_provider": "transformers", "ls_model_type": "chat",
-        "ls_model_name": "TIGER-Lab/Mantis-llava-7b", "ls_stop": ["x"]}
+        "ls_provider": "transformers",
+        "ls_model_type": "chat",
+        "ls_model_name": "TIGER-Lab/Mantis-llava-7b",
+        "ls_stop": ["x"],
+    }
     assert chat._slot.backend is None
     assert chat.profile["image_inputs"] and chat.profile["max_input_tokens"] == 4096
     with pytest.raises(ConfigurationError, match=r"backend_options may not set \['timeout'\]"):
@@ -597,10 +611,12 @@ def test_local_backend_configuration_builds_nothing():
 def test_react_style_agent_loop_with_mantis_as_the_vision_step(emu, png_bytes):
     """A LangGraph loop: Mantis looks at the picture, asks for a crop (ReAct text), the crop
     tool answers with an image, Mantis gives the final answer."""
-    emu.script([
-        "Thought: the corner is too small.\nAction: crop\nAction Input: top-left",
-        "Thought: I can see it now.\nFinal Answer: a white diagonal line",
-    ])
+    emu.script(
+        [
+            "Thought: the corner is too small.\nAction: crop\nAction Input: top-left",
+            "Thought: I can see it now.\nFinal Answer: a white diagonal line",
+        ]
+    )
     chat = ChatMantis()
     crop_b64 = base64.b64encode(png_bytes).decode()
     action = re.compile(r"Action:\s*(\w+)\s*\nAction Input:\s*(.+)")
@@ -611,8 +627,16 @@ def test_react_style_agent_loop_with_mantis_as_the_vision_step(emu, png_bytes):
     def tool(state: MessagesState) -> dict:
         name, arg = action.search(state["messages"][-1].content).groups()
         assert (name, arg) == ("crop", "top-left")
-        return {"messages": [HumanMessage(content=[
-            f"Observation: the {arg} crop:", {"type": "image", "base64": crop_b64, "mime_type": "image/png"}])]}
+        return {
+            "messages": [
+                HumanMessage(
+                    content=[
+                        f"Observation: the {arg} crop:",
+                        {"type": "image", "base64": crop_b64, "mime_type": "image/png"},
+                    ]
+                )
+            ]
+        }
 
     def route(state: MessagesState) -> str:
         return "tool" if action.search(state["messages"][-1].content) else END

@@ -71,8 +71,12 @@ def test_batch_reaches_the_micro_batcher(chat, image_block):
 
 def test_multi_turn_and_system_prompt(chat, image_block):
     result = chat.invoke(
-        [SystemMessage("be brief"), HumanMessage(content=[image_block, "first"]), AIMessage("ok"),
-         HumanMessage(content=["second", image_block])]
+        [
+            SystemMessage("be brief"),
+            HumanMessage(content=[image_block, "first"]),
+            AIMessage("ok"),
+            HumanMessage(content=["second", image_block]),
+        ]
     )
     assert result.response_metadata["metrics"]["images"] == 2
 

@@ -148,8 +148,13 @@ def emulator_answers(payload: Any) -> str | None:
 def fal_backend(emulator, picture):
     """A FalBackend on the module's emulator (scripted answers), wrapped for text-only tests."""
     emulator.script(emulator_answers)
-    inner = FalBackend(api_key=emulator.key, queue_url=emulator.queue_url, run_url=emulator.run_url,
-                       rest_url=emulator.rest_url, cdn_url=emulator.cdn_url)
+    inner = FalBackend(
+        api_key=emulator.key,
+        queue_url=emulator.queue_url,
+        run_url=emulator.run_url,
+        rest_url=emulator.rest_url,
+        cdn_url=emulator.cdn_url,
+    )
     yield PictureForTextOnly(inner, picture)
     inner.close()
     emulator.script([])

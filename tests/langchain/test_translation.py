@@ -53,7 +53,9 @@ def test_v1_blocks(b64, png_bytes):
 
 
 def test_v1_blocks_built_with_content_blocks_argument(b64, png_bytes):
-    msg = HumanMessage(content_blocks=[{"type": "text", "text": "look"}, {"type": "image", "base64": b64, "mime_type": "image/png"}])
+    msg = HumanMessage(
+        content_blocks=[{"type": "text", "text": "look"}, {"type": "image", "base64": b64, "mime_type": "image/png"}]
+    )
     assert parts_of(msg) == ["look", ("bytes", png_bytes)]
 
 
@@ -152,7 +154,9 @@ def test_ai_tool_calls_are_written_out_and_reasoning_dropped():
     text = turn.text
     assert "Let me look." in text and 'Tool call: zoom {"factor": 2}' in text
     assert "secret thoughts" not in text
-    broken = AIMessage(content=[{"type": "invalid_tool_call", "name": "zoom", "args": "{factor: 2", "id": "c2", "error": "bad json"}])
+    broken = AIMessage(
+        content=[{"type": "invalid_tool_call", "name": "zoom", "args": "{factor: 2", "id": "c2", "error": "bad json"}]
+    )
     assert "Tool call: zoom {factor: 2" in messages_to_conversation([broken]).turns[0].text
 
 

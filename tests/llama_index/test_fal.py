@@ -112,7 +112,9 @@ def test_dict_round_trip_and_copies_still_validate(emu):
     again = MantisMultiModal.from_dict(m.to_dict())
     assert (again.temperature, again.stop, again.max_retries) == (0.3, ["END"], 0)
     assert m.model_copy(update={"temperature": 0.1}).temperature == 0.1
-    with pytest.raises(ConfigurationError, match="MantisMultiModal: temperature: Input should be less than or equal to 2"):
+    with pytest.raises(
+        ConfigurationError, match="MantisMultiModal: temperature: Input should be less than or equal to 2"
+    ):
         MantisMultiModal.from_dict({**m.to_dict(), "temperature": 3})
 
 
@@ -134,8 +136,15 @@ def test_api_key_is_never_serialized(emu, monkeypatch, png_bytes):
     monkeypatch.setenv("FAL_KEY", "wrong-id:wrong-secret")
     for cls in CLASSES:
         m = cls(api_key=secret, temperature=0.2)
-        shown = [repr(m), str(m), m.to_json(), json.dumps(m.to_dict()), m.model_dump_json(),
-                 str(m.model_dump()), json.dumps(m.to_payload())]
+        shown = [
+            repr(m),
+            str(m),
+            m.to_json(),
+            json.dumps(m.to_dict()),
+            m.model_dump_json(),
+            str(m.model_dump()),
+            json.dumps(m.to_payload()),
+        ]
         for text in shown:
             assert secret not in text and "emulator-key" not in text
         assert m.to_dict()["temperature"] == 0.2 and "api_key" not in m.to_dict()
@@ -178,8 +187,11 @@ async def test_chat_and_achat(model, received, images):
 
 
 async def test_complete_and_acomplete_with_image_documents(model, received, images):
-    docs = [ImageDocument(image_path=str(images["green"])), ImageNode(image_path=str(images["red"])),
-            ImageBlock(path=images["blue"])]
+    docs = [
+        ImageDocument(image_path=str(images["green"])),
+        ImageNode(image_path=str(images["red"])),
+        ImageBlock(path=images["blue"]),
+    ]
     for i in range(2):
         if i == 0:
             r = model.complete("what changed?", docs)  # positional, the legacy way
@@ -414,9 +426,9 @@ async def test_async_calls_run_concurrently_without_blocking_the_loop(emu, png_b
         async with loop_ticker(0.01) as ticker:
             m = Mantis()
             start = time.perf_counter()
-            results = await asyncio.gather(*(
-                m.achat([user(ImageBlock(image=png_bytes), f"question {i}")]) for i in range(4)
-            ))
+            results = await asyncio.gather(
+                *(m.achat([user(ImageBlock(image=png_bytes), f"question {i}")]) for i in range(4))
+            )
             elapsed = time.perf_counter() - start
     finally:
         emu.service_time = 0.01

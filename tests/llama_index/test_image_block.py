@@ -42,7 +42,14 @@ def test_every_source_kind_reaches_fal_as_the_same_image(llm, received, image_by
     assert all(isinstance(b, ImageBlock) for b in blocks)
     assert blocks[0].url is not None and str(blocks[0].url) == URL and blocks[0].image is None
     assert [b.image_mimetype for b in blocks[1:]] == [
-        "image/png", "image/png", "image/jpeg", "image/png", "image/png", "image/png", "image/png"]
+        "image/png",
+        "image/png",
+        "image/jpeg",
+        "image/png",
+        "image/png",
+        "image/png",
+        "image/png",
+    ]
     pil_bytes = blocks[-1].resolve_image().read()  # LlamaIndex's own reader sees a PNG
     assert pixels(pil_bytes) == ((28, 18), pil.tobytes())
     llm.chat([ChatMessage(role="user", blocks=[TextBlock(text="compare"), *blocks])])

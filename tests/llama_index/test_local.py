@@ -54,8 +54,9 @@ async def test_chat_complete_sync_and_async(local_llm, images):
     assert isinstance(r1, ChatResponse) and isinstance(r1.message.content, str)
     assert r1.message.content == r2.message.content  # greedy: deterministic
     assert check_usage(r1) == check_usage(r2)
-    c = await local_llm.acomplete("compare", [ImageDocument(image_path=str(images["red"])),
-                                             ImageBlock(path=images["blue"])])
+    c = await local_llm.acomplete(
+        "compare", [ImageDocument(image_path=str(images["red"])), ImageBlock(path=images["blue"])]
+    )
     assert isinstance(c, CompletionResponse)
     check_usage(c)
 

@@ -101,15 +101,21 @@ async def test_react_agent_uses_a_tool(emu, received, images, streaming):
         calls.append((a, b))
         return a * b
 
-    emu.script([
-        'Thought: I count 6 rows of 7 squares; I need the product.\nAction: multiply\nAction Input: {"a": 6, "b": 7}',
-        "Thought: I can answer without using any more tools.\nAnswer: There are 42 squares.",
-    ])
+    emu.script(
+        [
+            'Thought: I count 6 rows of 7 squares; I need the product.\nAction: multiply\nAction Input: {"a": 6, "b": 7}',
+            "Thought: I can answer without using any more tools.\nAnswer: There are 42 squares.",
+        ]
+    )
     llm = Mantis()
     agent = ReActAgent(tools=[FunctionTool.from_defaults(multiply)], llm=llm, streaming=streaming)
-    question = ChatMessage(role="user", blocks=[
-        ImageBlock(path=images["red"]), TextBlock(text="How many squares are in the picture?"),
-    ])
+    question = ChatMessage(
+        role="user",
+        blocks=[
+            ImageBlock(path=images["red"]),
+            TextBlock(text="How many squares are in the picture?"),
+        ],
+    )
     handler = agent.run(user_msg=question)
     events = [ev async for ev in handler.stream_events()]
     result = await handler

@@ -9,8 +9,8 @@ import io
 import pytest
 from llama_index.core.base.llms.types import (
     AudioBlock,
-    CachePoint,
     CacheControl,
+    CachePoint,
     ChatMessage,
     CitableBlock,
     CitationBlock,
@@ -67,9 +67,14 @@ def test_roles_and_interleaved_order(png_bytes, jpeg_bytes):
     assert [i.kind for i in rendered.images] == ["bytes", "url", "bytes"]
 
 
-@pytest.mark.parametrize("role,expected", [
-    ("developer", "system"), ("chatbot", "assistant"), ("model", "assistant"),
-])
+@pytest.mark.parametrize(
+    "role,expected",
+    [
+        ("developer", "system"),
+        ("chatbot", "assistant"),
+        ("model", "assistant"),
+    ],
+)
 def test_role_synonyms(role, expected):
     conv = to_conversation([ChatMessage(role="user", content="q"), ChatMessage(role=role, content="x")])
     assert conv.turns[1].role == expected
@@ -115,11 +120,14 @@ def test_image_sources_follow_core_precedence(tmp_path, png_bytes, jpeg_bytes):
     assert image_block_to_image(ImageBlock(path=path, url="https://e.com/a.png")).kind == "path"
 
 
-@pytest.mark.parametrize("block,match", [
-    (ImageBlock(), "has no image, path or url"),
-    (ImageBlock(url="ftp://example.com/a.png"), "unsupported image URL scheme"),
-    (ImageBlock(image=io.BytesIO(b"")), "zero bytes"),
-])
+@pytest.mark.parametrize(
+    "block,match",
+    [
+        (ImageBlock(), "has no image, path or url"),
+        (ImageBlock(url="ftp://example.com/a.png"), "unsupported image URL scheme"),
+        (ImageBlock(image=io.BytesIO(b"")), "zero bytes"),
+    ],
+)
 def test_bad_image_blocks_name_the_image(block, match):
     msgs = [ChatMessage(role="user", blocks=[TextBlock(text="a"), ImageBlock(url="https://e.com/a.png"), block])]
     with pytest.raises(ImageError, match=match) as exc:
@@ -134,12 +142,15 @@ def test_data_uris_are_decoded_lazily_by_the_core():
         img.data
 
 
-@pytest.mark.parametrize("block", [
-    AudioBlock(audio=b"RIFF....WAVEfmt ", format="wav"),
-    VideoBlock(url="https://example.com/v.mp4"),
-    DocumentBlock(data=b"%PDF-1.4 hello", document_mimetype="application/pdf"),
-    ToolCallBlock(tool_name="search", tool_kwargs={"q": "x"}),
-])
+@pytest.mark.parametrize(
+    "block",
+    [
+        AudioBlock(audio=b"RIFF....WAVEfmt ", format="wav"),
+        VideoBlock(url="https://example.com/v.mp4"),
+        DocumentBlock(data=b"%PDF-1.4 hello", document_mimetype="application/pdf"),
+        ToolCallBlock(tool_name="search", tool_kwargs={"q": "x"}),
+    ],
+)
 def test_unsupported_blocks_name_block_and_message(block):
     msgs = [ChatMessage(content="hi"), ChatMessage(role="user", blocks=[TextBlock(text="look"), block])]
     with pytest.raises(InvalidRequestError) as exc:
@@ -170,7 +181,9 @@ def test_not_a_chat_message():
 def test_legacy_additional_kwargs_images_become_blocks(tmp_path, png_bytes):
     path = tmp_path / "x.png"
     path.write_bytes(png_bytes)
-    msg = ChatMessage(role="user", content="describe", additional_kwargs={"images": [ImageDocument(image_path=str(path))]})
+    msg = ChatMessage(
+        role="user", content="describe", additional_kwargs={"images": [ImageDocument(image_path=str(path))]}
+    )
     turn = to_conversation([msg]).turns[0]
     assert kinds(turn) == ["text", "bytes"]
     assert turn.parts[1].data == png_bytes

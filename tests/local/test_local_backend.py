@@ -369,7 +369,9 @@ def test_missing_model_is_a_configuration_error(tmp_path, monkeypatch):
 def test_non_llava_checkpoint_is_rejected(tmp_path):
     from transformers import LlamaConfig
 
-    LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path)
+    LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
+        tmp_path
+    )
     with pytest.raises(ConfigurationError, match="'llama' model.*LLaVA-architecture"):
         TransformersBackend(model=tmp_path).load()
 

@@ -16,7 +16,7 @@ DEFAULT_LOCAL_MODEL = "TIGER-Lab/Mantis-llava-7b"
 BACKEND_NAMES = ("fal", "local")
 
 
-def resolve_backend(backend: "str | Backend", model: str | None = None, **options: Any) -> Backend:
+def resolve_backend(backend: str | Backend, model: str | None = None, **options: Any) -> Backend:
     """Return ``backend`` itself if it is a :class:`Backend`, else build the named one.
 
     ``model`` is the fal endpoint id for ``"fal"`` and a hub id or path for ``"local"``
@@ -36,12 +36,10 @@ def resolve_backend(backend: "str | Backend", model: str | None = None, **option
         for fal_only in ("api_key", "max_retries", "timeout"):
             options.pop(fal_only, None)
         return TransformersBackend(model=resolve_model(backend, model), **options)
-    raise ConfigurationError(
-        f"unknown backend {backend!r}: expected one of {BACKEND_NAMES} or a Backend instance"
-    )
+    raise ConfigurationError(f"unknown backend {backend!r}: expected one of {BACKEND_NAMES} or a Backend instance")
 
 
-def resolve_model(backend: "str | Backend", model: str | None = None) -> str:
+def resolve_model(backend: str | Backend, model: str | None = None) -> str:
     """The model :func:`resolve_backend` runs for these arguments, found without building it."""
     if isinstance(backend, Backend):
         return backend.model

@@ -31,9 +31,10 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Generator
+from typing import Any
 
 import httpx
 from pydantic import SecretStr
@@ -295,17 +296,13 @@ def format_detail(detail: Any) -> str:
     return str(detail)
 
 
-def error_for_response(
-    resp: httpx.Response, *, step: str, endpoint: str, request_id: str | None = None
-) -> MantisError:
+def error_for_response(resp: httpx.Response, *, step: str, endpoint: str, request_id: str | None = None) -> MantisError:
     """The typed error for a failed fal answer (never quotes the request's headers)."""
     code = resp.status_code
     body = _json(resp)
     rid = resp.headers.get("x-fal-request-id") or request_id
     detail = body.get("detail") if isinstance(body, dict) else None
-    error_type = (body.get("error_type") if isinstance(body, dict) else None) or resp.headers.get(
-        "x-fal-error-type"
-    )
+    error_type = (body.get("error_type") if isinstance(body, dict) else None) or resp.headers.get("x-fal-error-type")
     text = format_detail(detail) or (resp.text[:300].strip() if body is None else "")
     if len(text) > 1000:
         text = text[:1000] + "..."
@@ -314,20 +311,21 @@ def error_for_response(
     if code in (401, 403):
         why = "rejected the API key" if code == 401 else "refused this API key access"
         return AuthenticationError(
-            f"fal {why} for {endpoint!r}: set a valid key with `export FAL_KEY=...` "
-            "or pass api_key=", **kw
+            f"fal {why} for {endpoint!r}: set a valid key with `export FAL_KEY=...` or pass api_key=", **kw
         )
     if code == 404 and step in ("submit", "run"):
         return EndpointNotFoundError(
             f"fal has no endpoint {endpoint!r} (HTTP 404): the endpoint id may be wrong or the "
-            f"endpoint may have been retired; pass another endpoint/model id. fal said: {text}", **kw
+            f"endpoint may have been retired; pass another endpoint/model id. fal said: {text}",
+            **kw,
         )
     if code == 422:
         return InvalidRequestError(f"fal rejected the input for {endpoint!r}: {text}", **kw)
     if code == 413:
         return InvalidRequestError(
             f"{what}: the request is too large for fal (lower upload_threshold so large images "
-            f"are uploaded instead of inlined): {text}", **kw
+            f"are uploaded instead of inlined): {text}",
+            **kw,
         )
     if code == 429:
         return RateLimitError(f"{what}: fal is rate limiting this key (too many concurrent requests): {text}", **kw)
@@ -488,16 +486,24 @@ class Call:
         key = (upd.status, upd.queue_position)
         if key != self._last or new:
             self._last = key
-            logger.debug("fal request %s: %s position=%s logs+%d", self.request_id, upd.status,
-                         upd.queue_position, len(new))
+            logger.debug(
+                "fal request %s: %s position=%s logs+%d", self.request_id, upd.status, upd.queue_position, len(new)
+            )
             if self.on_update is not None:
                 self.on_update(upd)
         return upd
 
     # -- one HTTP step with retries --------------------------------------------------
 
-    def call(self, step: str, kind: str, build: Callable[[float], httpx.Request], *,
-             cap: float | None = STEP_TIMEOUT, stream: bool = False) -> Flow:
+    def call(
+        self,
+        step: str,
+        kind: str,
+        build: Callable[[float], httpx.Request],
+        *,
+        cap: float | None = STEP_TIMEOUT,
+        stream: bool = False,
+    ) -> Flow:
         """Send ``build(timeout)`` until it succeeds, retrying what ``kind`` allows.
 
         Returns the successful response (with ``stream``: its body not read yet); raises the
@@ -644,19 +650,33 @@ def upload(call: Call, enc: Any) -> Flow:
         token = call.state.token
         if token is None or token.expires <= call.clock():
             resp = yield from call.call(
-                "storage token", "read",
-                lambda t: cfg.build("POST", f"{cfg.rest_url}/storage/auth/token",
-                                    params={"storage_type": "fal-cdn-v3"}, json={}, timeout=t),
+                "storage token",
+                "read",
+                lambda t: cfg.build(
+                    "POST",
+                    f"{cfg.rest_url}/storage/auth/token",
+                    params={"storage_type": "fal-cdn-v3"},
+                    json={},
+                    timeout=t,
+                ),
             )
             token = call.state.token = token_from_response(_json(resp), call.clock())
         ext = enc.mime_type.split("/")[-1]
         try:
             resp = yield from call.call(
-                "upload", "read",
+                "upload",
+                "read",
                 lambda t: cfg.build(
-                    "POST", f"{cfg.cdn_url}/files/upload", key_auth=False, content=enc.data, timeout=t,
-                    headers={"Authorization": token.header.get_secret_value(), "Content-Type": enc.mime_type,
-                             "X-Fal-File-Name": f"{digest[:16]}.{ext}"},
+                    "POST",
+                    f"{cfg.cdn_url}/files/upload",
+                    key_auth=False,
+                    content=enc.data,
+                    timeout=t,
+                    headers={
+                        "Authorization": token.header.get_secret_value(),
+                        "Content-Type": enc.mime_type,
+                        "X-Fal-File-Name": f"{digest[:16]}.{ext}",
+                    },
                 ),
                 cap=None,
             )
@@ -683,7 +703,9 @@ def queue_flow(call: Call, image_options: Any, client: Any = None) -> Flow:
     cfg = call.cfg
     payload = yield from build_payload(call, image_options, client)
     resp = yield from call.call(
-        "submit", "post", lambda t: cfg.build("POST", f"{cfg.queue_url}/{cfg.endpoint}", json=payload, timeout=t),
+        "submit",
+        "post",
+        lambda t: cfg.build("POST", f"{cfg.queue_url}/{cfg.endpoint}", json=payload, timeout=t),
         cap=None,
     )
     job = parse_submit(call, resp)
@@ -705,7 +727,8 @@ def queue_flow(call: Call, image_options: Any, client: Any = None) -> Flow:
     if final.get("error"):  # fal ends a failed job COMPLETED; the result answered 2xx anyway
         raise BackendError(
             f"fal job failed: {final['error']}" + (f" [{final['error_type']}]" if final.get("error_type") else ""),
-            request_id=job.request_id, detail=final,
+            request_id=job.request_id,
+            detail=final,
         )
     text, stopped = apply_stop(output_text(_json(result), job.request_id), call.request.params.stop)
     metrics = final.get("metrics")
@@ -764,8 +787,13 @@ def wait_stream(call: Call, job: Job) -> Flow:
     empty_runs = 0
     while True:
         left = call.check_deadline()
-        req = cfg.build("GET", job.status_url + "/stream", params={"logs": logs},
-                        headers={"Accept": "text/event-stream"}, timeout=min(left, STATUS_STREAM_IDLE))
+        req = cfg.build(
+            "GET",
+            job.status_url + "/stream",
+            params={"logs": logs},
+            headers={"Accept": "text/event-stream"},
+            timeout=min(left, STATUS_STREAM_IDLE),
+        )
         call.metrics["status_requests"] += 1
         resp = yield Send(req, stream=True)
         if isinstance(resp, httpx.HTTPError):
@@ -812,8 +840,9 @@ def wait_poll(call: Call, job: Job) -> Flow:
     cfg, logs = call.cfg, "1" if call.cfg.with_logs else "0"
     interval = POLL_START
     while True:
-        resp = yield from call.call("status", "status",
-                                    lambda t: cfg.build("GET", job.status_url, params={"logs": logs}, timeout=t))
+        resp = yield from call.call(
+            "status", "status", lambda t: cfg.build("GET", job.status_url, params={"logs": logs}, timeout=t)
+        )
         call.metrics["status_requests"] += 1
         body = _json(resp)
         before = call._last
@@ -828,7 +857,9 @@ def sync_flow(call: Call, image_options: Any, client: Any = None) -> Flow:
     cfg = call.cfg
     payload = yield from build_payload(call, image_options, client)
     resp = yield from call.call(
-        "run", "post", lambda t: cfg.build("POST", f"{cfg.run_url}/{cfg.endpoint}", json=payload, timeout=t),
+        "run",
+        "post",
+        lambda t: cfg.build("POST", f"{cfg.run_url}/{cfg.endpoint}", json=payload, timeout=t),
         cap=None,
     )
     call.request_id = call.metrics["request_id"] = resp.headers.get("x-fal-request-id")
@@ -847,10 +878,17 @@ def stream_flow(call: Call, image_options: Any, client: Any = None) -> Flow:
     payload = yield from build_payload(call, image_options, client)
     # Retried only when the answer proves no job started (a "post" step).
     resp = yield from call.call(
-        "stream", "post",
-        lambda t: cfg.build("POST", f"{cfg.run_url}/{cfg.endpoint}/stream", json=payload,
-                            headers={"Accept": "text/event-stream"}, timeout=t),
-        cap=None, stream=True,
+        "stream",
+        "post",
+        lambda t: cfg.build(
+            "POST",
+            f"{cfg.run_url}/{cfg.endpoint}/stream",
+            json=payload,
+            headers={"Accept": "text/event-stream"},
+            timeout=t,
+        ),
+        cap=None,
+        stream=True,
     )
     call.request_id = call.metrics["request_id"] = resp.headers.get("x-fal-request-id")
     trimmer, decoder, text = StopTrimmer(call.request.params.stop), SSEDecoder(), ""
@@ -877,7 +915,7 @@ def stream_flow(call: Call, image_options: Any, client: Any = None) -> Flow:
                 raise error_for_response(fake, step="stream", endpoint=cfg.endpoint, request_id=call.request_id)
             new = event.get("output")
             if isinstance(new, str):
-                delta = new[len(text):] if new.startswith(text) else new
+                delta = new[len(text) :] if new.startswith(text) else new
                 text = new if new.startswith(text) else text + new
                 out = trimmer.feed(delta)
                 if out:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from typing import Any, AsyncIterator, Callable, ClassVar, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any, ClassVar
 
 from ..errors import ConfigurationError, InvalidRequestError
 from ..types import Chunk, Request, Response, Update
@@ -23,7 +24,7 @@ def is_positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def require_request(backend: "Backend", request: Any) -> Request:
+def require_request(backend: Backend, request: Any) -> Request:
     """The one check every backend entry point makes before touching ``request``."""
     if not isinstance(request, Request):
         raise InvalidRequestError(
@@ -53,9 +54,7 @@ class Backend(ABC):
         response = self.generate(request, on_update=on_update)
         yield Chunk(text=response.text, response=response)
 
-    async def astream(
-        self, request: Request, *, on_update: OnUpdate | None = None
-    ) -> AsyncIterator[Chunk]:
+    async def astream(self, request: Request, *, on_update: OnUpdate | None = None) -> AsyncIterator[Chunk]:
         """Async twin of :meth:`stream`."""
         response = await self.agenerate(request, on_update=on_update)
         yield Chunk(text=response.text, response=response)

@@ -16,9 +16,10 @@ import os
 import ssl
 import threading
 import time
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any, AsyncIterator, ClassVar, Iterator, Literal, Sequence
+from typing import Any, ClassVar, Literal
 
 import httpx
 from pydantic import SecretStr
@@ -45,7 +46,7 @@ def _ssl_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
-def _resolve_key(api_key: "str | SecretStr | None") -> SecretStr:
+def _resolve_key(api_key: str | SecretStr | None) -> SecretStr:
     if api_key is not None:  # given: must be a usable key (never quoted in errors)
         if isinstance(api_key, SecretStr):
             api_key = api_key.get_secret_value()
@@ -155,7 +156,7 @@ class FalBackend(Backend):
         self,
         endpoint: str = "fal-ai/mantis-llava-7b-v11",
         *,
-        api_key: "str | SecretStr | None" = None,
+        api_key: str | SecretStr | None = None,
         queue_url: str | None = None,
         run_url: str | None = None,
         rest_url: str | None = None,
@@ -175,21 +176,43 @@ class FalBackend(Backend):
         check_option(isinstance(mode, str) and mode in proto.FLOWS, "mode", f"one of {tuple(proto.FLOWS)}", mode)
         if not isinstance(endpoint, str) or endpoint.strip("/").count("/") < 1:
             raise ConfigurationError(f"fal endpoint id {endpoint!r} must look like 'owner/app'")
-        check_option(timeout is None or (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
-                                   and 0 < timeout < math.inf),
-               "timeout", "a positive number of seconds", timeout)
-        check_option(isinstance(max_retries, int) and not isinstance(max_retries, bool) and max_retries >= 0,
-               "max_retries", "a non-negative integer", max_retries)
-        check_option(is_positive_int(upload_threshold), "upload_threshold", "a positive integer (bytes)", upload_threshold)
+        check_option(
+            timeout is None
+            or (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and 0 < timeout < math.inf),
+            "timeout",
+            "a positive number of seconds",
+            timeout,
+        )
+        check_option(
+            isinstance(max_retries, int) and not isinstance(max_retries, bool) and max_retries >= 0,
+            "max_retries",
+            "a non-negative integer",
+            max_retries,
+        )
+        check_option(
+            is_positive_int(upload_threshold), "upload_threshold", "a positive integer (bytes)", upload_threshold
+        )
         check_option(is_positive_int(max_concurrency), "max_concurrency", "a positive integer", max_concurrency)
         check_option(isinstance(with_logs, bool), "with_logs", "True or False", with_logs)
-        check_option(extra_input is None or (isinstance(extra_input, dict) and all(isinstance(k, str) for k in extra_input)),
-               "extra_input", "a dict with str keys", extra_input)
-        check_option(image_options is None or isinstance(image_options, ImageOptions),
-               "image_options", "a mantis_llm.images.ImageOptions or None", image_options)
+        check_option(
+            extra_input is None or (isinstance(extra_input, dict) and all(isinstance(k, str) for k in extra_input)),
+            "extra_input",
+            "a dict with str keys",
+            extra_input,
+        )
+        check_option(
+            image_options is None or isinstance(image_options, ImageOptions),
+            "image_options",
+            "a mantis_llm.images.ImageOptions or None",
+            image_options,
+        )
         check_option(client is None or isinstance(client, httpx.Client), "client", "an httpx.Client or None", client)
-        check_option(async_client is None or isinstance(async_client, httpx.AsyncClient),
-               "async_client", "an httpx.AsyncClient or None", async_client)
+        check_option(
+            async_client is None or isinstance(async_client, httpx.AsyncClient),
+            "async_client",
+            "an httpx.AsyncClient or None",
+            async_client,
+        )
         options = image_options or ImageOptions()
         if image_short_side is not _UNSET:
             options = replace(options, short_side=image_short_side)
@@ -236,14 +259,16 @@ class FalBackend(Backend):
 
     def __repr__(self) -> str:
         c = self._config
-        return (f"FalBackend(endpoint={c.endpoint!r}, mode={self.mode!r}, queue_url={c.queue_url!r}, "
-                f"run_url={c.run_url!r}, rest_url={c.rest_url!r}, cdn_url={c.cdn_url!r}, "
-                f"timeout={c.timeout:g}, api_key=SecretStr('**********'))")
+        return (
+            f"FalBackend(endpoint={c.endpoint!r}, mode={self.mode!r}, queue_url={c.queue_url!r}, "
+            f"run_url={c.run_url!r}, rest_url={c.rest_url!r}, cdn_url={c.cdn_url!r}, "
+            f"timeout={c.timeout:g}, api_key=SecretStr('**********'))"
+        )
 
     def __reduce__(self):
         raise TypeError("FalBackend holds an API key and open connections; it cannot be pickled")
 
-    def __deepcopy__(self, memo: dict) -> "FalBackend":
+    def __deepcopy__(self, memo: dict) -> FalBackend:
         return self  # immutable settings around a connection pool: copies share it
 
     __copy__ = lambda self: self  # noqa: E731
@@ -491,4 +516,3 @@ class FalBackend(Backend):
     async def agenerate_batch(self, requests: Sequence[Request]) -> list[Response]:
         """Run the requests concurrently on one event loop; order is kept."""
         return list(await asyncio.gather(*(self.agenerate(r) for r in requests)))
-

@@ -26,10 +26,11 @@ import threading
 import time
 import uuid
 from collections import deque
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future, InvalidStateError
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, AsyncIterator, Callable, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar
 
 from ..errors import (
     BackendError,
@@ -180,28 +181,57 @@ class TransformersBackend(Backend):
         model_kwargs: dict[str, Any] | None = None,
         generate_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        check_option(isinstance(model, (str, os.PathLike)) and bool(os.fspath(model)), "model",
-                     "a hub id or a local path", model)
-        check_option(device is None or isinstance(device, str) or type(device).__name__ == "device",
-                     "device", "a device name such as 'cpu' or 'cuda:0'", device)
-        check_option(device_map is None or isinstance(device_map, (str, dict)), "device_map", "a str or dict", device_map)
+        check_option(
+            isinstance(model, (str, os.PathLike)) and bool(os.fspath(model)), "model", "a hub id or a local path", model
+        )
+        check_option(
+            device is None or isinstance(device, str) or type(device).__name__ == "device",
+            "device",
+            "a device name such as 'cpu' or 'cuda:0'",
+            device,
+        )
+        check_option(
+            device_map is None or isinstance(device_map, (str, dict)), "device_map", "a str or dict", device_map
+        )
         if device is not None and device_map is not None:
             raise ConfigurationError("pass either device or device_map, not both")
-        check_option(attn_implementation is None or isinstance(attn_implementation, str),
-                     "attn_implementation", "a str such as 'sdpa'", attn_implementation)
+        check_option(
+            attn_implementation is None or isinstance(attn_implementation, str),
+            "attn_implementation",
+            "a str such as 'sdpa'",
+            attn_implementation,
+        )
         check_option(isinstance(trust_remote_code, bool), "trust_remote_code", "True or False", trust_remote_code)
         check_option(revision is None or isinstance(revision, str), "revision", "a str", revision)
         check_option(is_positive_int(max_batch_size), "max_batch_size", "a positive integer", max_batch_size)
-        check_option(is_positive_int(default_max_tokens), "default_max_tokens", "a positive integer", default_max_tokens)
-        check_option(max_context is None or (is_positive_int(max_context) and max_context >= 2),
-                     "max_context", "an integer >= 2", max_context)
-        check_option(not isinstance(batch_wait, bool) and isinstance(batch_wait, (int, float)) and 0 <= batch_wait < 60,
-                     "batch_wait", "a number of seconds in [0, 60)", batch_wait)
-        check_option(image_options is None or isinstance(image_options, ImageOptions),
-                     "image_options", "a mantis_llm.images.ImageOptions or None", image_options)
+        check_option(
+            is_positive_int(default_max_tokens), "default_max_tokens", "a positive integer", default_max_tokens
+        )
+        check_option(
+            max_context is None or (is_positive_int(max_context) and max_context >= 2),
+            "max_context",
+            "an integer >= 2",
+            max_context,
+        )
+        check_option(
+            not isinstance(batch_wait, bool) and isinstance(batch_wait, (int, float)) and 0 <= batch_wait < 60,
+            "batch_wait",
+            "a number of seconds in [0, 60)",
+            batch_wait,
+        )
+        check_option(
+            image_options is None or isinstance(image_options, ImageOptions),
+            "image_options",
+            "a mantis_llm.images.ImageOptions or None",
+            image_options,
+        )
         for name, value in (("model_kwargs", model_kwargs), ("generate_kwargs", generate_kwargs)):
-            check_option(value is None or (isinstance(value, dict) and all(isinstance(k, str) for k in value)),
-                         name, "a dict with str keys", value)
+            check_option(
+                value is None or (isinstance(value, dict) and all(isinstance(k, str) for k in value)),
+                name,
+                "a dict with str keys",
+                value,
+            )
         options = image_options or ImageOptions()
         if image_short_side is not None:
             options = replace(options, short_side=image_short_side)  # ImageOptions checks it
@@ -239,7 +269,7 @@ class TransformersBackend(Backend):
         """Whether the model is in memory."""
         return self._state is not None
 
-    def load(self) -> "TransformersBackend":
+    def load(self) -> TransformersBackend:
         """Load the model and processor now (otherwise the first request does). Returns self."""
         if self._state is None:
             with self._load_lock:
@@ -343,8 +373,11 @@ class TransformersBackend(Backend):
             if value is not None:
                 eos.update(value if isinstance(value, (list, tuple)) else [value])
         pad_id = next(
-            (v for v in (tokenizer.pad_token_id, gen.pad_token_id, getattr(config, "pad_token_id", None))
-             if v is not None),
+            (
+                v
+                for v in (tokenizer.pad_token_id, gen.pad_token_id, getattr(config, "pad_token_id", None))
+                if v is not None
+            ),
             min(eos) if eos else 0,
         )
         if isinstance(pad_id, (list, tuple)):
