@@ -273,10 +273,13 @@ class GenerationParams:
 
 @dataclass
 class Request:
-    """What a backend executes: a conversation and its generation parameters."""
+    """What a backend executes: a conversation, its generation parameters, and optionally
+    the tools the model may call or the JSON shape its answer must have."""
 
     conversation: Conversation
     params: GenerationParams = field(default_factory=GenerationParams)
+    tools: ToolSpec | None = None
+    response_format: ResponseFormat | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.conversation, Conversation):
@@ -285,6 +288,12 @@ class Request:
             )
         if not isinstance(self.params, GenerationParams):
             raise InvalidRequestError(f"Request.params must be GenerationParams, not {type(self.params).__name__}")
+        if self.tools is not None and not isinstance(self.tools, ToolSpec):
+            raise InvalidRequestError(f"Request.tools must be a ToolSpec, not {type(self.tools).__name__}")
+        if self.response_format is not None and not isinstance(self.response_format, ResponseFormat):
+            raise InvalidRequestError(
+                f"Request.response_format must be a ResponseFormat, not {type(self.response_format).__name__}"
+            )
 
 
 @dataclass(frozen=True)
@@ -307,16 +316,72 @@ class Usage:
         }
 
 
+
+# ------------------------------------------------------------------------------ tools
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call, in OpenAI's function shape (``parameters`` is a JSON schema)."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """The tools of a request and how the model must use them.
+
+    ``choice`` is ``"auto"`` (answer in text or call tools), ``"none"`` (text only),
+    ``"required"`` (call at least one tool) or the name of one tool (call exactly that one).
+    ``parallel`` allows several calls in one answer.
+    """
+
+    tools: tuple[Tool, ...]
+    choice: str = "auto"
+    parallel: bool = False
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """The answer must be one JSON value: of ``schema`` when given, else any JSON object."""
+
+    schema: dict[str, Any] | None = None
+    name: str = "response"
+
+
+@dataclass
+class ToolCall:
+    """One call the model made: ``arguments`` validated against the tool's schema."""
+
+    name: str
+    arguments: dict[str, Any]
+    id: str
+
+
+@dataclass
+class InvalidToolCall:
+    """A call the model tried to make that could not be parsed or validated."""
+
+    arguments: str  # the raw text
+    error: str
+    id: str
+    name: str | None = None
+
+
 @dataclass
 class Response:
-    """A finished generation."""
+    """A finished generation: ``text`` is the prose, ``tool_calls`` the calls the model made."""
 
     text: str
     model: str
-    finish_reason: str | None = None  # "stop" | "length" | None when unknown
+    finish_reason: str | None = None  # "stop" | "length" | "tool_calls" | None when unknown
     usage: Usage | None = None
     request_id: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    invalid_tool_calls: list[InvalidToolCall] = field(default_factory=list)
 
 
 @dataclass
