@@ -6,6 +6,7 @@ Importing this package pulls neither torch, transformers nor a framework.
 from __future__ import annotations
 
 from . import errors
+from ._version import __version__
 from .backends import DEFAULT_FAL_ENDPOINT, DEFAULT_LOCAL_MODEL, Backend, resolve_backend
 from .types import (
     Chunk,
@@ -19,7 +20,6 @@ from .types import (
     Usage,
 )
 
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str):  # FalBackend / TransformersBackend load on first use

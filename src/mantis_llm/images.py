@@ -32,7 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from .backends.base import check_option, is_positive_int
+from ._mime import SUPPORTED_MIME, describe, sniff_mime
+from ._version import USER_AGENT
+from ._validate import check_option, is_positive_int
 from .errors import ImageError
 from .types import Image
 
@@ -41,20 +43,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .types import Conversation
 
-SUPPORTED_MIME = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp")
 WEB_MIME = ("image/jpeg", "image/png", "image/webp")  # sent to fal as they are when they fit
 _PIL_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
-_DESCRIBE = {
-    "application/pdf": "a PDF document",
-    "image/svg+xml": "an SVG image (vector images are not supported)",
-    "text/html": "an HTML page",
-    "application/xml": "an XML document",
-    "text/plain": "text",
-    "image/tiff": "a TIFF image",
-    "image/heic": "a HEIC image",
-    "image/avif": "an AVIF image",
-    "image/x-icon": "an ICO icon",
-}
 
 
 @dataclass(frozen=True)
@@ -121,73 +111,6 @@ class EncodedImage:
 # sniffing and labels
 
 
-def sniff_mime(data: bytes) -> str | None:
-    """The mime type of ``data`` from its magic bytes (never from a name), or None.
-
-    Besides the supported formats it recognises PDF, SVG, HTML, XML, TIFF, HEIC/AVIF, ICO
-    and plain text, so errors can say what was given instead of an image.
-    """
-    if not data:
-        return None
-    head = bytes(data[:32])
-    if head.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "image/gif"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    if head.startswith(b"BM") and int.from_bytes(head[14:18], "little") in (12, 40, 52, 56, 64, 108, 124):
-        return "image/bmp"  # "BM" plus a known DIB header size (so text starting "BM" is not a BMP)
-    if head.startswith(b"%PDF"):
-        return "application/pdf"
-    if head[:4] in (b"II*\x00", b"MM\x00*"):
-        return "image/tiff"
-    if head[4:8] == b"ftyp":
-        brand = head[8:12]
-        if brand in (b"avif", b"avis"):
-            return "image/avif"
-        if brand in (b"heic", b"heix", b"mif1", b"msf1", b"hevc", b"heim", b"heis"):
-            return "image/heic"
-        return None
-    if head.startswith(b"\x00\x00\x01\x00"):
-        return "image/x-icon"
-    text = bytes(data[:1024]).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    if text.startswith(b"<"):
-        if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in text:
-            return "text/html"
-        if b"<svg" in text:
-            return "image/svg+xml"
-        if text.startswith(b"<?xml"):
-            return "application/xml"
-    sample = bytes(data[:1024])
-    if b"\x00" in sample:
-        return None
-    try:
-        sample.decode("utf-8")
-    except UnicodeDecodeError as exc:  # a multi-byte character cut at the sample's end is fine
-        if exc.start < len(sample) - 3:
-            return None
-    return "text/plain"
-
-
-def labeled_images(conversation: Conversation) -> list[tuple[str, Image]]:
-    """Every image of ``conversation`` with its label, in prompt order.
-
-    The label is ``"image {i} of message {m}"``: ``i`` counts images within the message,
-    ``m`` is the 1-based index of the turn in ``conversation.turns``. System turns come
-    first, as :func:`mantis_llm.prompt.render` places them first.
-    """
-    numbered = list(enumerate(conversation.turns, 1))
-    ordered = [x for x in numbered if x[1].role == "system"] + [x for x in numbered if x[1].role != "system"]
-    out = []
-    for m, turn in ordered:
-        for i, img in enumerate(turn.images, 1):
-            out.append((f"image {i} of message {m}", img))
-    return out
-
-
 @contextmanager
 def _labeled(label: str | None) -> Iterator[None]:
     """Prefix the message of any ImageError raised inside with ``label``."""
@@ -226,8 +149,7 @@ def _check_bytes(data: bytes, options: ImageOptions) -> str:
         raise ImageError(f"the image is {len(data):,} bytes, more than the limit of {options.max_bytes:,}")
     mime = sniff_mime(data)
     if mime not in SUPPORTED_MIME:
-        what = _DESCRIBE.get(mime, mime) if mime else "not a recognised image format"
-        raise ImageError(f"unsupported image data: got {what}; expected JPEG, PNG, WEBP, GIF or BMP")
+        raise ImageError(f"unsupported image data: got {describe(mime)}; expected JPEG, PNG, WEBP, GIF or BMP")
     return mime
 
 
@@ -407,6 +329,13 @@ def encode_for_fal(
         return _encode_bytes(data, options)
 
 
+def encode_bytes(data: bytes, options: ImageOptions = DEFAULT_OPTIONS, *, label: str | None = None) -> EncodedImage:
+    """Validate encoded image bytes and return them as they are when they already fit and fal
+    takes their format, else downsized and re-encoded (see :func:`encode_for_fal`)."""
+    with _labeled(label):
+        return _encode_bytes(data, options)
+
+
 def _encode_bytes(data: bytes, options: ImageOptions) -> EncodedImage:
     pil, mime = _decode(data, options)
     fits = options.short_side is None or min(pil.size) <= options.short_side
@@ -422,8 +351,11 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 _BINARY_TYPES = ("application/octet-stream", "binary/octet-stream", "application/binary")
 
 
-class _Download:
-    """The rules of one download: what to request, and what each response means."""
+class Download:
+    """The rules of one download, sans-I/O: what to request, and what each response means.
+
+    Driven by :func:`fetch`/:func:`afetch` here and by the fal backend's flows.
+    """
 
     def __init__(self, url: str, options: ImageOptions) -> None:
         self.options = options
@@ -445,9 +377,11 @@ class _Download:
     def timeout(self) -> httpx.Timeout:
         return httpx.Timeout(self.options.fetch_timeout)
 
-    def request(self, client: httpx.Client | httpx.AsyncClient) -> httpx.Request:
-        req = client.build_request("GET", self.url, headers={"Accept": "image/*"}, timeout=self.timeout())
-        req.headers.pop("Authorization", None)  # never leak a client's credentials to an image host
+    def request(self) -> httpx.Request:
+        """The next GET, built without any client's default headers, cookies or credentials
+        (they must never reach an image host; send it with ``auth=httpx.Auth()``)."""
+        req = httpx.Request("GET", self.url, headers={"Accept": "image/*", "User-Agent": USER_AGENT})
+        req.extensions["timeout"] = self.timeout().as_dict()
         return req
 
     def error(self, what: str) -> ImageError:
@@ -507,11 +441,11 @@ class _Download:
 
 def fetch(url: str, options: ImageOptions = DEFAULT_OPTIONS, *, client: httpx.Client | None = None) -> bytes:
     """Download an http(s) image with limits (timeouts, redirects, size, type)."""
-    dl = _Download(url, options)
+    dl = Download(url, options)
     with httpx.Client(timeout=dl.timeout()) if client is None else nullcontext(client) as client:
         while True:
             with dl.translate():
-                resp = client.send(dl.request(client), stream=True, follow_redirects=False, auth=httpx.Auth())
+                resp = client.send(dl.request(), stream=True, follow_redirects=False, auth=httpx.Auth())
                 try:
                     if dl.on_head(resp):
                         continue
@@ -526,11 +460,11 @@ async def afetch(
     url: str, options: ImageOptions = DEFAULT_OPTIONS, *, client: httpx.AsyncClient | None = None
 ) -> bytes:
     """Async :func:`fetch`."""
-    dl = _Download(url, options)
+    dl = Download(url, options)
     async with httpx.AsyncClient(timeout=dl.timeout()) if client is None else nullcontext(client) as client:
         while True:
             with dl.translate():
-                resp = await client.send(dl.request(client), stream=True, follow_redirects=False, auth=httpx.Auth())
+                resp = await client.send(dl.request(), stream=True, follow_redirects=False, auth=httpx.Auth())
                 try:
                     if dl.on_head(resp):
                         continue
@@ -546,10 +480,11 @@ __all__ = [
     "EncodedImage",
     "SUPPORTED_MIME",
     "sniff_mime",
-    "labeled_images",
     "load_pil",
     "aload_pil",
     "encode_for_fal",
+    "encode_bytes",
+    "Download",
     "fetch",
     "afetch",
 ]

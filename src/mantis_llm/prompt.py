@@ -24,11 +24,11 @@ or end a turn.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from .errors import InvalidRequestError
-from .types import Conversation, Image
+from .types import Conversation, Image, Part
 
 DEFAULT_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -44,10 +44,20 @@ Mode = Literal["local", "fal"]
 
 @dataclass(frozen=True)
 class RenderedPrompt:
-    """The prompt text and the images, in the order of their placeholders."""
+    """The prompt text and the images, in the order of their placeholders.
+
+    ``labels[k]`` names ``images[k]`` for error messages: ``"image {i} of message {m}"``,
+    ``i`` counting images within the message and ``m`` the 1-based index of its turn in
+    ``conversation.turns`` (system turns are rendered first, so their images come first).
+    """
 
     text: str
     images: list[Image]
+    labels: list[str] = field(default_factory=list)
+
+    @property
+    def labeled_images(self) -> list[tuple[str, Image]]:
+        return list(zip(self.labels, self.images, strict=True))
 
 
 def escape_text(text: str) -> str:
@@ -74,12 +84,15 @@ def render(conversation: Conversation, mode: Mode = "local") -> RenderedPrompt:
         raise InvalidRequestError("the conversation has no user message")
 
     images: list[Image] = []
+    labels: list[str] = []
 
-    def content(parts) -> str:
-        pieces = []
+    def content(m: int, parts: list[Part]) -> str:
+        pieces, in_turn = [], 0
         for part in parts:
             if isinstance(part, Image):
+                in_turn += 1
                 images.append(part)
+                labels.append(f"image {in_turn} of message {m}")
                 pieces.append(
                     f"(image {len(images)}: <Image>{IMAGE_TOKEN}</Image>)" if mode == "local" else IMAGE_TOKEN
                 )
@@ -87,9 +100,10 @@ def render(conversation: Conversation, mode: Mode = "local") -> RenderedPrompt:
                 pieces.append(escape_text(part))
         return _join(pieces).strip()
 
-    system_parts = [content(t.parts) for t in turns if t.role == "system"]
+    numbered = list(enumerate(turns, 1))
+    system_parts = [content(m, t.parts) for m, t in numbered if t.role == "system"]
     system = "\n".join(s for s in system_parts if s)
-    dialogue = [(t.role, content(t.parts)) for t in turns if t.role != "system"]
+    dialogue = [(t.role, content(m, t.parts)) for m, t in numbered if t.role != "system"]
     if not any(text for role, text in dialogue if role == "user"):
         raise InvalidRequestError("the prompt is empty: the user messages have no text and no images")
 
@@ -104,8 +118,14 @@ def render(conversation: Conversation, mode: Mode = "local") -> RenderedPrompt:
         body = "".join(_turn(r, t) for r, t in dialogue)[: -len(SEP)]
         body = body.removeprefix("USER: ")
         text = f"{system}\n\n{body}" if system else body
-    return RenderedPrompt(text=text, images=images)
+    return RenderedPrompt(text=text, images=images, labels=labels)
 
 
 def _turn(role: str, text: str) -> str:
     return f"{ROLE_NAMES[role]}: {text}{SEP}"
+
+
+
+def labeled_images(conversation: Conversation) -> list[tuple[str, Image]]:
+    """Every image of ``conversation`` with its label, in prompt order (see :class:`RenderedPrompt`)."""
+    return render(conversation).labeled_images

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from ._mime import sniff_mime
 from .errors import ImageError, InvalidRequestError
 
 Role = Literal["system", "user", "assistant"]
@@ -125,8 +126,6 @@ class Image:
         """The mime type sniffed from the bytes (None when unknown or remote)."""
         if self.kind == "url":
             return self._mime
-        from .images import sniff_mime
-
         return sniff_mime(self.data)
 
     def __repr__(self) -> str:

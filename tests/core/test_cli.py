@@ -238,7 +238,7 @@ def test_ctrl_c_exits_130_without_traceback(image_files):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     pytest.importorskip("torch")
-    pytest.importorskip("mantis_llm.backends.transformers", reason="the local backend has not landed yet")
+    pytest.importorskip("mantis_llm.backends.local", reason="the local backend has not landed yet")
     from mantis_llm.testing import build_tiny_mantis
 
     return str(build_tiny_mantis(tmp_path_factory.mktemp("tiny") / "mantis"))
@@ -270,7 +270,7 @@ def test_ask_local_backend(capsys, tiny_model, image_files):
 
 
 def test_ask_local_missing_model(capsys, tmp_path, image_files):
-    pytest.importorskip("mantis_llm.backends.transformers", reason="the local backend has not landed yet")
+    pytest.importorskip("mantis_llm.backends.local", reason="the local backend has not landed yet")
     code, out, err = run(
         capsys, "ask", str(image_files[0]), "-p", "hi", "--backend", "local", "--model", str(tmp_path / "no-such-model")
     )

@@ -19,10 +19,10 @@ from mantis_llm.images import (
     aload_pil,
     encode_for_fal,
     fetch,
-    labeled_images,
     load_pil,
     sniff_mime,
 )
+from mantis_llm.prompt import labeled_images
 from mantis_llm.types import Conversation, Image, Turn
 
 LABEL = "image 2 of message 3"

@@ -11,13 +11,15 @@ import pytest
 from pydantic import SecretStr
 
 from mantis_llm import Conversation, GenerationParams, Request, errors
-from mantis_llm.backends import _fal_protocol as proto
+from mantis_llm import _text
+from mantis_llm.backends._http import actions, retry, sse
+from mantis_llm.backends.fal import _call, _config, _errors, _flows, _payload, _policy
 from mantis_llm.images import ImageOptions
 
 KEY = "proto-key-id:proto-key-secret"
 
 
-def cfg(**kw) -> proto.FalConfig:
+def cfg(**kw) -> _config.FalConfig:
     base = dict(
         endpoint="fal-ai/mantis-llava-7b-v11",
         key=SecretStr(KEY),
@@ -29,7 +31,7 @@ def cfg(**kw) -> proto.FalConfig:
         max_retries=3,
     )
     base.update(kw)
-    return proto.FalConfig(**base)
+    return _config.FalConfig(**base)
 
 
 def resp(code: int, body=None, headers=None, text=None) -> httpx.Response:
@@ -46,10 +48,10 @@ class FakeClock:
         return self.t
 
 
-def make_call(clock=None, on_update=None, stop=None, **kw) -> proto.Call:
+def make_call(clock=None, on_update=None, stop=None, **kw) -> _call.Call:
     req = Request(Conversation.from_prompt("hi", ["https://example.org/a.png"]), GenerationParams(stop=stop))
-    return proto.Call(
-        cfg(**kw), proto.SharedState(), req, on_update=on_update, clock=clock or FakeClock(), rng=random.Random(0)
+    return _call.Call(
+        cfg(**kw), _config.SharedState(), req, on_update=on_update, clock=clock or FakeClock(), rng=random.Random(0)
     )
 
 
@@ -71,7 +73,7 @@ def drive(flow, answer):
 
 
 def test_sse_decoder_handles_split_chunks_comments_and_crlf():
-    d = proto.SSEDecoder()
+    d = sse.SSEDecoder()
     assert d.feed(b': ping\n\ndata: {"a"') == []
     assert d.feed(b": 1}\r\n\r\ndata: x\ndata: y\n") == ['{"a": 1}']
     assert d.feed(b"\n") == ["x\ny"]
@@ -79,31 +81,31 @@ def test_sse_decoder_handles_split_chunks_comments_and_crlf():
 
 
 def test_retry_after_seconds_and_http_date():
-    assert proto.parse_retry_after("2") == 2.0
-    assert proto.parse_retry_after("0.5") == 0.5
-    assert proto.parse_retry_after(None) is None
-    assert proto.parse_retry_after("soon") is None
+    assert retry.parse_retry_after("2") == 2.0
+    assert retry.parse_retry_after("0.5") == 0.5
+    assert retry.parse_retry_after(None) is None
+    assert retry.parse_retry_after("soon") is None
     when = datetime.now(timezone.utc) + timedelta(seconds=30)
-    assert 25 < proto.parse_retry_after(format_datetime(when, usegmt=True)) <= 31
+    assert 25 < retry.parse_retry_after(format_datetime(when, usegmt=True)) <= 31
 
 
 @pytest.mark.parametrize(
     "kind, code, headers, retry",
     [
-        ("post", 429, {}, True),
-        ("post", 408, {}, True),
-        ("post", 503, {}, True),  # ingress: the job was never created
-        ("post", 503, {"x-fal-request-id": "r"}, False),  # fal's app answered: maybe created
-        ("post", 502, {}, False),  # the gateway may have forwarded it
-        ("post", 504, {}, False),
-        ("post", 409, {}, False),
-        ("post", 500, {}, False),
-        ("read", 502, {}, True),
-        ("read", 504, {}, True),
-        ("read", 504, {"x-fal-request-timeout-type": "user"}, False),
-        ("read", 500, {"x-fal-request-id": "r"}, False),  # the job's own failure: final
-        ("read", 409, {}, True),
-        ("read", 422, {}, False),
+        ("creates_job", 429, {}, True),
+        ("creates_job", 408, {}, True),
+        ("creates_job", 503, {}, True),  # ingress: the job was never created
+        ("creates_job", 503, {"x-fal-request-id": "r"}, False),  # fal's app answered: maybe created
+        ("creates_job", 502, {}, False),  # the gateway may have forwarded it
+        ("creates_job", 504, {}, False),
+        ("creates_job", 409, {}, False),
+        ("creates_job", 500, {}, False),
+        ("idempotent", 502, {}, True),
+        ("idempotent", 504, {}, True),
+        ("idempotent", 504, {"x-fal-request-timeout-type": "user"}, False),
+        ("idempotent", 500, {"x-fal-request-id": "r"}, False),  # the job's own failure: final
+        ("idempotent", 409, {}, True),
+        ("idempotent", 422, {}, False),
         ("status", 500, {"x-fal-request-id": "r"}, True),
         # the result of a job that completed without error: fal's 5xx are retried
         ("result", 500, {"x-fal-request-id": "r"}, True),
@@ -117,27 +119,27 @@ def test_retry_after_seconds_and_http_date():
     ],
 )
 def test_retry_decisions_for_responses(kind, code, headers, retry):
-    assert proto.should_retry_response(kind, resp(code, {}, headers)) is retry
+    assert _policy.should_retry_response(kind, resp(code, {}, headers)) is retry
 
 
 def test_retry_decisions_for_transport_errors():
     req = httpx.Request("POST", "https://queue.fal.run/x/y")
-    assert proto.should_retry_exception("post", httpx.ConnectError("refused", request=req))
-    assert proto.should_retry_exception("post", httpx.ConnectTimeout("t", request=req))
+    assert _policy.should_retry_exception("creates_job", httpx.ConnectError("refused", request=req))
+    assert _policy.should_retry_exception("creates_job", httpx.ConnectTimeout("t", request=req))
     # the request may have reached fal: never resend a submit
-    assert not proto.should_retry_exception("post", httpx.ReadTimeout("t", request=req))
-    assert not proto.should_retry_exception("post", httpx.RemoteProtocolError("gone", request=req))
-    assert proto.should_retry_exception("read", httpx.ReadTimeout("t", request=req))
-    assert proto.should_retry_exception("read", httpx.RemoteProtocolError("gone", request=req))
-    assert proto.should_retry_exception("result", httpx.RemoteProtocolError("gone", request=req))
-    assert not proto.should_retry_exception("cancel", httpx.ConnectError("refused", request=req))
+    assert not _policy.should_retry_exception("creates_job", httpx.ReadTimeout("t", request=req))
+    assert not _policy.should_retry_exception("creates_job", httpx.RemoteProtocolError("gone", request=req))
+    assert _policy.should_retry_exception("idempotent", httpx.ReadTimeout("t", request=req))
+    assert _policy.should_retry_exception("idempotent", httpx.RemoteProtocolError("gone", request=req))
+    assert _policy.should_retry_exception("result", httpx.RemoteProtocolError("gone", request=req))
+    assert not _policy.should_retry_exception("cancel", httpx.ConnectError("refused", request=req))
 
 
 def test_backoff_is_full_jitter_and_capped():
     rng = random.Random(1)
-    delays = [proto.backoff_delay(a, rng) for a in range(12)]
-    assert all(0 <= d <= proto.BACKOFF_CAP for d in delays)
-    assert max(proto.backoff_delay(0, rng) for _ in range(200)) <= proto.BACKOFF_BASE
+    delays = [retry.backoff_delay(a, rng) for a in range(12)]
+    assert all(0 <= d <= retry.BACKOFF_CAP for d in delays)
+    assert max(retry.backoff_delay(0, rng) for _ in range(200)) <= retry.BACKOFF_BASE
 
 
 @pytest.mark.parametrize(
@@ -171,7 +173,7 @@ def test_backoff_is_full_jitter_and_capped():
 )
 def test_error_mapping(code, body, headers, step, cls, words):
     r = resp(code, body, headers) if body is not None else resp(code, headers=headers, text="<html>nginx</html>")
-    err = proto.error_for_response(r, step=step, endpoint="fal-ai/x", request_id="r-1")
+    err = _errors.error_for_response(r, step=step, endpoint="fal-ai/x", request_id="r-1")
     assert type(err) is cls
     assert err.status_code == code
     assert err.request_id == (headers.get("x-fal-request-id") or "r-1")
@@ -182,14 +184,14 @@ def test_error_mapping(code, body, headers, step, cls, words):
 
 
 def test_status_parsing_is_tolerant_but_rejects_garbage():
-    upd = proto.status_update({"status": "IN_QUEUE", "queue_position": 3}, "r")
+    upd = _call.status_update({"status": "IN_QUEUE", "queue_position": 3}, "r")
     assert (upd.status, upd.queue_position, upd.logs, upd.request_id) == ("IN_QUEUE", 3, [], "r")
-    upd = proto.status_update({"status": "COMPLETED", "logs": None, "metrics": None}, "r")
+    upd = _call.status_update({"status": "COMPLETED", "logs": None, "metrics": None}, "r")
     assert upd.metrics == {} and upd.logs == []
     with pytest.raises(errors.BackendError):
-        proto.status_update({"nope": 1}, "r")
+        _call.status_update({"nope": 1}, "r")
     with pytest.raises(errors.BackendError):
-        proto.output_text({"images": []}, "r")
+        _flows.output_text({"images": []}, "r")
 
 
 @pytest.mark.parametrize(
@@ -203,7 +205,7 @@ def test_status_parsing_is_tolerant_but_rejects_garbage():
     ],
 )
 def test_stop_trimmer(pieces, stop, released, final, stopped):
-    t = proto.StopTrimmer(stop)
+    t = _text.StopTrimmer(stop)
     out = "".join(t.feed(p) for p in pieces) + t.flush()
     assert out == released and t.text == final and t.stopped is stopped
 
@@ -229,11 +231,11 @@ def test_key_goes_only_to_configured_fal_hosts():
 
 def test_token_expiry_is_respected():
     exp = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat().replace("+00:00", "Z")
-    tok = proto.token_from_response({"token": "cdn-secret", "token_type": "Bearer", "expires_at": exp}, now=100.0)
+    tok = _payload.token_from_response({"token": "cdn-secret", "token_type": "Bearer", "expires_at": exp}, now=100.0)
     assert tok.header.get_secret_value() == "Bearer cdn-secret" and 100 + 3400 < tok.expires < 100 + 3600
     assert "cdn-secret" not in repr(tok)
     with pytest.raises(errors.BackendError):
-        proto.token_from_response({"detail": "x"}, now=0)
+        _payload.token_from_response({"detail": "x"}, now=0)
 
 
 # ------------------------------------------------------------------ flows, fed by hand
@@ -252,13 +254,13 @@ def queue_answers(*, stream_code=200, status_bodies=(), submit=SUBMIT, clock=Non
     bodies = list(status_bodies)
 
     def answer(action):
-        if isinstance(action, proto.Offload):
+        if isinstance(action, actions.Offload):
             return action.fn(*action.args)
-        if isinstance(action, proto.Sleep):
+        if isinstance(action, actions.Sleep):
             if clock:
                 clock.t += action.seconds
             return None
-        if isinstance(action, (proto.Close, proto.Emit)):
+        if isinstance(action, (actions.Close, actions.Emit)):
             return None
         req = action.request
         path = req.url.path
@@ -285,10 +287,10 @@ def test_queue_flow_polls_when_the_stream_is_missing_and_remembers_it():
         {"status": "COMPLETED", "logs": [{"message": "a"}, {"message": "b"}], "metrics": {"inference_time": 1.5}},
     ]
     seen, result = drive(
-        proto.run_flow("queue", call, ImageOptions()), queue_answers(stream_code=404, status_bodies=bodies)
+        _flows.run_flow("queue", call, ImageOptions()), queue_answers(stream_code=404, status_bodies=bodies)
     )
     assert result is None, result
-    emit = [a for a in seen if isinstance(a, proto.Emit)][-1]
+    emit = [a for a in seen if isinstance(a, actions.Emit)][-1]
     r = emit.chunk.response
     assert (r.text, r.finish_reason, r.request_id) == ("It is a cat. ", "stop", "r-1")
     assert r.metrics["status_transport"] == "poll" and r.metrics["inference_time"] == 1.5
@@ -301,8 +303,8 @@ def test_queue_flow_polls_when_the_stream_is_missing_and_remembers_it():
         ("IN_PROGRESS", None, ["b"]),
         ("COMPLETED", None, []),
     ]
-    sleeps = [a.seconds for a in seen if isinstance(a, proto.Sleep)]
-    assert sleeps and max(sleeps) <= proto.POLL_MAX
+    sleeps = [a.seconds for a in seen if isinstance(a, actions.Sleep)]
+    assert sleeps and max(sleeps) <= _config.POLL_MAX
 
 
 def test_queue_flow_rebuilds_urls_that_point_to_another_host():
@@ -313,10 +315,10 @@ def test_queue_flow_rebuilds_urls_that_point_to_another_host():
     call = make_call()
     bodies = [{"status": "COMPLETED"}]
     seen, result = drive(
-        proto.run_flow("queue", call, ImageOptions()), queue_answers(stream_code=404, status_bodies=bodies, submit=evil)
+        _flows.run_flow("queue", call, ImageOptions()), queue_answers(stream_code=404, status_bodies=bodies, submit=evil)
     )
     assert result is None, result
-    hosts = {a.request.url.host for a in seen if isinstance(a, proto.Send)}
+    hosts = {a.request.url.host for a in seen if isinstance(a, actions.Send)}
     assert hosts == {"queue.fal.run"}
 
 
@@ -325,7 +327,7 @@ def test_queue_flow_cancels_and_times_out_with_the_request_id():
     call = make_call(clock=clock, timeout=1.0)
     bodies = [{"status": "IN_PROGRESS"}] * 1000
     seen, result = drive(
-        proto.run_flow("queue", call, ImageOptions()), queue_answers(stream_code=404, status_bodies=bodies, clock=clock)
+        _flows.run_flow("queue", call, ImageOptions()), queue_answers(stream_code=404, status_bodies=bodies, clock=clock)
     )
     assert isinstance(result, errors.RequestTimeoutError) and result.request_id == "r-1"
     assert seen[-1].request.method == "PUT" and seen[-1].request.url.path.endswith("/r-1/cancel")
@@ -335,14 +337,14 @@ def test_submit_is_never_resent_after_it_may_have_arrived():
     call = make_call()
 
     def answer(action):
-        if isinstance(action, proto.Offload):
+        if isinstance(action, actions.Offload):
             return action.fn(*action.args)
         return httpx.ReadTimeout("slow", request=action.request) if action.request.method == "POST" else None
 
-    call.deadline = float("inf")
-    seen, result = drive(proto.run_flow("queue", call, ImageOptions()), answer)
+    call.deadline.at = float("inf")
+    seen, result = drive(_flows.run_flow("queue", call, ImageOptions()), answer)
     assert isinstance(result, errors.BackendError) and "not resent" in str(result)
-    assert sum(isinstance(a, proto.Send) for a in seen) == 1
+    assert sum(isinstance(a, actions.Send) for a in seen) == 1
 
 
 def test_submit_is_retried_when_the_answer_proves_no_job_was_made():
@@ -350,9 +352,9 @@ def test_submit_is_retried_when_the_answer_proves_no_job_was_made():
     answers = iter([resp(429, {"detail": "busy"}, {"retry-after": "0.25"}), resp(503, text="nginx"), resp(200, SUBMIT)])
 
     def answer(action):
-        if isinstance(action, proto.Offload):
+        if isinstance(action, actions.Offload):
             return action.fn(*action.args)
-        if isinstance(action, proto.Sleep):
+        if isinstance(action, actions.Sleep):
             return None
         if action.request.method == "POST":
             return next(answers)
@@ -361,8 +363,8 @@ def test_submit_is_retried_when_the_answer_proves_no_job_was_made():
     class StopTest(Exception):
         pass
 
-    seen, result = drive(proto.run_flow("queue", call, ImageOptions()), answer)
-    sleeps = [a.seconds for a in seen if isinstance(a, proto.Sleep)]
+    seen, result = drive(_flows.run_flow("queue", call, ImageOptions()), answer)
+    sleeps = [a.seconds for a in seen if isinstance(a, actions.Sleep)]
     assert sleeps[0] == 0.25 and len(sleeps) == 2  # Retry-After honoured, then backoff
     assert isinstance(result, StopTest)  # got past the submit
     assert call.request_id == "r-1"
@@ -370,12 +372,12 @@ def test_submit_is_retried_when_the_answer_proves_no_job_was_made():
 
 def test_interrupt_after_submit_cancels_then_reraises():
     call = make_call()
-    flow = proto.run_flow("queue", call, ImageOptions())
+    flow = _flows.run_flow("queue", call, ImageOptions())
     answer = queue_answers()
     action = flow.send(None)
-    while not (isinstance(action, proto.Send) and action.request.url.path.endswith("/status/stream")):
+    while not (isinstance(action, actions.Send) and action.request.url.path.endswith("/status/stream")):
         action = flow.send(answer(action))
     cancel = flow.throw(KeyboardInterrupt())
-    assert cancel.request.method == "PUT" and cancel.request.extensions["timeout"]["read"] == proto.CANCEL_TIMEOUT
+    assert cancel.request.method == "PUT" and cancel.request.extensions["timeout"]["read"] == _config.CANCEL_TIMEOUT
     with pytest.raises(KeyboardInterrupt):
         flow.send(resp(202, {"status": "CANCELLATION_REQUESTED"}))

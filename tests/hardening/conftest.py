@@ -173,7 +173,7 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def local_backend(tiny_model):
     """A loaded local backend with tight fetch limits (1 MB, 1 s, 2 redirects)."""
-    from mantis_llm.backends.transformers import TransformersBackend
+    from mantis_llm.backends.local import TransformersBackend
     from mantis_llm.images import ImageOptions
 
     options = ImageOptions(max_bytes=2**20, fetch_timeout=1.0, max_redirects=2)

@@ -68,7 +68,7 @@ def offline_images(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def local_backend(tmp_path_factory):
     """A TransformersBackend on a tiny random-weight Mantis (built here, nothing downloaded)."""
-    from mantis_llm.backends.transformers import TransformersBackend
+    from mantis_llm.backends.local import TransformersBackend
     from mantis_llm.testing import build_tiny_mantis
 
     path = build_tiny_mantis(tmp_path_factory.mktemp("tiny-mantis") / "clip", vision="clip")

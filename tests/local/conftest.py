@@ -49,7 +49,7 @@ def tiny_mantis_layout(tiny_root) -> Path:
 @pytest.fixture(scope="session")
 def clip_backend(tiny_clip):
     """A loaded backend shared by the tests that do not close or reconfigure it."""
-    from mantis_llm.backends.transformers import TransformersBackend
+    from mantis_llm.backends.local import TransformersBackend
 
     backend = TransformersBackend(model=tiny_clip).load()
     yield backend
@@ -59,7 +59,7 @@ def clip_backend(tiny_clip):
 @pytest.fixture(scope="session")
 def backends(tiny_clip, tiny_siglip, tiny_mantis_layout, clip_backend):
     """One loaded backend per tiny model variant."""
-    from mantis_llm.backends.transformers import TransformersBackend
+    from mantis_llm.backends.local import TransformersBackend
 
     made = {
         "siglip": TransformersBackend(model=tiny_siglip).load(),

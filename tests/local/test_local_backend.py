@@ -13,7 +13,7 @@ import torch
 from PIL import Image as PILImage
 
 from mantis_llm import Conversation, GenerationParams, Request, Turn, resolve_backend
-from mantis_llm.backends.transformers import TransformersBackend
+from mantis_llm.backends.local import TransformersBackend
 from mantis_llm.errors import (
     BackendError,
     ConfigurationError,

@@ -10,7 +10,7 @@ import pytest
 CHECK_LAZY = """
 import sys
 from mantis_llm import TransformersBackend
-from mantis_llm.backends.transformers import TransformersBackend as T2
+from mantis_llm.backends.local import TransformersBackend as T2
 import mantis_llm.testing
 b = TransformersBackend(model="somewhere", batch_wait=0.01)
 assert T2 is TransformersBackend and not b.loaded

@@ -31,7 +31,7 @@ def resolve_backend(backend: str | Backend, model: str | None = None, **options:
 
         return FalBackend(endpoint=resolve_model(backend, model), **options)
     if backend in ("local", "transformers"):
-        from .transformers import TransformersBackend
+        from .local import TransformersBackend
 
         for fal_only in ("api_key", "max_retries", "timeout"):
             options.pop(fal_only, None)
@@ -54,7 +54,7 @@ def __getattr__(name: str):  # lazy: `from mantis_llm.backends import FalBackend
 
         return FalBackend
     if name == "TransformersBackend":
-        from .transformers import TransformersBackend
+        from .local import TransformersBackend
 
         return TransformersBackend
     raise AttributeError(name)

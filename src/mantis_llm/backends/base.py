@@ -7,21 +7,11 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
-from ..errors import ConfigurationError, InvalidRequestError
+from ..errors import InvalidRequestError
 from ..types import Chunk, Request, Response, Update
 
 OnUpdate = Callable[[Update], None]
 """Called with each progress report (fal queue position, logs). Must not block."""
-
-
-def check_option(ok: bool, name: str, what: str, value: Any) -> None:
-    """Raise a ConfigurationError naming the constructor argument ``name`` unless ``ok``."""
-    if not ok:
-        raise ConfigurationError(f"{name} must be {what}, not {value!r}")
-
-
-def is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def require_request(backend: Backend, request: Any) -> Request:

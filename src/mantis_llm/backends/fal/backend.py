@@ -1,8 +1,9 @@
 """FalBackend: Mantis hosted at fal, over httpx.
 
-The protocol (requests, retries, errors, deadlines) lives in :mod:`._fal_protocol` as
-generators that yield actions; this module only runs them, once with an
-:class:`httpx.Client` and once with an :class:`httpx.AsyncClient`.
+The protocol (requests, retries, errors, deadlines) lives in the sibling modules as flows
+(:mod:`._flows`); this module holds the settings and the connection pools, and runs the
+flows with the shared drivers, once with an :class:`httpx.Client` and once with an
+:class:`httpx.AsyncClient`.
 """
 
 from __future__ import annotations
@@ -24,18 +25,22 @@ from typing import Any, ClassVar, Literal
 import httpx
 from pydantic import SecretStr
 
-from ..errors import ConfigurationError
-from ..images import ImageOptions
-from ..types import Chunk, Request, Response
-from . import _fal_protocol as proto
-from .base import Backend, OnUpdate, check_option, is_positive_int, require_request
+from ..._validate import check_option, is_non_negative_int, is_number, is_positive_int
+from ...errors import ConfigurationError
+from ...images import ImageOptions
+from ...types import Chunk, Request, Response
+from .._http.actions import Flow
+from .._http.drivers import adrive, drive
+from .. import DEFAULT_FAL_ENDPOINT
+from ..base import Backend, OnUpdate, require_request
+from ._call import Call
+from ._config import DEFAULT_CDN_URL, DEFAULT_QUEUE_URL, DEFAULT_REST_URL, DEFAULT_RUN_URL, FalConfig, SharedState
+from ._flows import FLOWS, Mode, run_flow
 
 logger = logging.getLogger("mantis_llm.fal")
 
-Mode = Literal["queue", "sync", "stream"]
 _UNSET: Any = object()
 _LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=100)
-_STREAM_ERRORS = (httpx.HTTPError, httpx.StreamError)  # what reading a streamed body raises
 _SHARD_CALLS = 16  # concurrent calls per pooled AsyncClient (see FalBackend._async_client)
 
 
@@ -73,11 +78,6 @@ def _url(value: str | None, env: str, default: str) -> str:
     if not url.startswith(("http://", "https://")):
         raise ConfigurationError(f"{name} {url!r} must be an http(s) URL")
     return url
-
-
-def _read_error(exc: Exception) -> httpx.HTTPError:
-    """A failed body read as the value a ``Read`` action answers (both drivers)."""
-    return exc if isinstance(exc, httpx.HTTPError) else httpx.ReadError(str(exc))
 
 
 async def _close_at_shutdown(shards: dict[httpx.AsyncClient, int]) -> AsyncIterator[None]:
@@ -154,7 +154,7 @@ class FalBackend(Backend):
 
     def __init__(
         self,
-        endpoint: str = "fal-ai/mantis-llava-7b-v11",
+        endpoint: str = DEFAULT_FAL_ENDPOINT,
         *,
         api_key: str | SecretStr | None = None,
         queue_url: str | None = None,
@@ -173,22 +173,16 @@ class FalBackend(Backend):
         extra_input: dict[str, Any] | None = None,
         max_concurrency: int = 16,
     ) -> None:
-        check_option(isinstance(mode, str) and mode in proto.FLOWS, "mode", f"one of {tuple(proto.FLOWS)}", mode)
+        check_option(isinstance(mode, str) and mode in FLOWS, "mode", f"one of {tuple(FLOWS)}", mode)
         if not isinstance(endpoint, str) or endpoint.strip("/").count("/") < 1:
             raise ConfigurationError(f"fal endpoint id {endpoint!r} must look like 'owner/app'")
         check_option(
-            timeout is None
-            or (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and 0 < timeout < math.inf),
+            timeout is None or (is_number(timeout) and 0 < timeout < math.inf),
             "timeout",
             "a positive number of seconds",
             timeout,
         )
-        check_option(
-            isinstance(max_retries, int) and not isinstance(max_retries, bool) and max_retries >= 0,
-            "max_retries",
-            "a non-negative integer",
-            max_retries,
-        )
+        check_option(is_non_negative_int(max_retries), "max_retries", "a non-negative integer", max_retries)
         check_option(
             is_positive_int(upload_threshold), "upload_threshold", "a positive integer (bytes)", upload_threshold
         )
@@ -220,20 +214,20 @@ class FalBackend(Backend):
         self.mode: Mode = mode
         self.image_options = options
         self.max_concurrency = max_concurrency
-        self._config = proto.FalConfig(
+        self._config = FalConfig(
             endpoint=self.model,
             key=_resolve_key(api_key),
-            queue_url=_url(queue_url, "FAL_QUEUE_URL", proto.DEFAULT_QUEUE_URL),
-            run_url=_url(run_url, "FAL_RUN_URL", proto.DEFAULT_RUN_URL),
-            rest_url=_url(rest_url, "FAL_REST_URL", proto.DEFAULT_REST_URL),
-            cdn_url=_url(cdn_url, "FAL_CDN_URL", proto.DEFAULT_CDN_URL),
+            queue_url=_url(queue_url, "FAL_QUEUE_URL", DEFAULT_QUEUE_URL),
+            run_url=_url(run_url, "FAL_RUN_URL", DEFAULT_RUN_URL),
+            rest_url=_url(rest_url, "FAL_REST_URL", DEFAULT_REST_URL),
+            cdn_url=_url(cdn_url, "FAL_CDN_URL", DEFAULT_CDN_URL),
             timeout=float(timeout or 600.0),
             max_retries=max_retries,
             with_logs=with_logs,
             upload_threshold=upload_threshold,
             extra_input=dict(extra_input or {}),
         )
-        self._state = proto.SharedState()
+        self._state = SharedState()
         self._user_client, self._user_async_client = client, async_client
         self._client: httpx.Client | None = None
         # per event loop: ({AsyncClient: calls in flight}, the generator that closes them at loop shutdown)
@@ -349,132 +343,10 @@ class FalBackend(Backend):
 
     # ------------------------------------------------------------------ drivers
 
-    def _call(self, request: Request, on_update: OnUpdate | None):
-        call = proto.Call(self._config, self._state, require_request(self, request), on_update=on_update)
+    def _flow(self, request: Request, on_update: OnUpdate | None) -> Flow[None]:
+        call = Call(self._config, self._state, require_request(self, request), on_update=on_update)
         call.metrics["mode"] = self.mode
-        # Only with fetch_remote do we download images (from their own hosts, without our key).
-        fetcher = self._sync_client() if self.image_options.fetch_remote else None
-        return proto.run_flow(self.mode, call, self.image_options, fetcher)
-
-    def _drive(self, flow, client: httpx.Client) -> Iterator[Chunk]:
-        """Run a flow with blocking I/O, yielding its chunks."""
-        streams: dict[int, tuple[httpx.Response, Iterator[bytes]]] = {}
-        value: Any = None
-        throw: BaseException | None = None
-        try:
-            while True:
-                try:
-                    action = flow.throw(throw) if throw is not None else flow.send(value)
-                except StopIteration:
-                    return
-                value, throw = None, None
-                try:
-                    if isinstance(action, proto.Send):
-                        try:
-                            value = client.send(action.request, stream=action.stream)
-                        except httpx.HTTPError as exc:
-                            value = exc
-                        else:
-                            if action.stream:
-                                streams[id(value)] = (value, value.iter_bytes())
-                    elif isinstance(action, proto.Read):
-                        try:
-                            value = next(streams[id(action.response)][1], b"")
-                        except _STREAM_ERRORS as exc:
-                            value = _read_error(exc)
-                    elif isinstance(action, proto.Close):
-                        entry = streams.pop(id(action.response), None)
-                        if entry:
-                            entry[0].close()
-                    elif isinstance(action, proto.Sleep):
-                        time.sleep(action.seconds)
-                    elif isinstance(action, proto.Offload):
-                        value = action.fn(*action.args)
-                    elif isinstance(action, proto.Emit):
-                        yield action.chunk
-                except KeyboardInterrupt as exc:
-                    self._close_streams(streams)
-                    throw = exc  # the flow cancels the fal job, then re-raises it
-                except Exception as exc:  # from Offload (image errors): let the flow see it
-                    throw = exc
-        finally:
-            self._close_streams(streams)
-            flow.close()
-
-    @staticmethod
-    def _close_streams(streams: dict) -> None:
-        for resp, _ in streams.values():
-            try:
-                resp.close()
-            except Exception:  # noqa: BLE001 - closing a broken stream must not mask the real error
-                pass
-        streams.clear()
-
-    async def _adrive(self, flow, client: httpx.AsyncClient) -> AsyncIterator[Chunk]:
-        """Run a flow with asyncio I/O, yielding its chunks."""
-        streams: dict[int, tuple[httpx.Response, AsyncIterator[bytes]]] = {}
-        value: Any = None
-        throw: BaseException | None = None
-        cancelling = False
-        try:
-            while True:
-                try:
-                    action = flow.throw(throw) if throw is not None else flow.send(value)
-                except StopIteration:
-                    return
-                value, throw = None, None
-                try:
-                    if isinstance(action, proto.Send):
-                        try:
-                            send = client.send(action.request, stream=action.stream)
-                            # Once cancelled, the flow's last request (the cancel PUT) must
-                            # run to its end even if the task is cancelled again.
-                            value = await (asyncio.shield(send) if cancelling else send)
-                        except httpx.HTTPError as exc:
-                            value = exc
-                        else:
-                            if action.stream:
-                                streams[id(value)] = (value, value.aiter_bytes())
-                    elif isinstance(action, proto.Read):
-                        try:
-                            it = streams[id(action.response)][1]
-                            value = await asyncio.wait_for(it.__anext__(), action.timeout)
-                        except StopAsyncIteration:
-                            value = b""
-                        except asyncio.TimeoutError:
-                            value = httpx.ReadTimeout("no data before the deadline")
-                        except _STREAM_ERRORS as exc:
-                            value = _read_error(exc)
-                    elif isinstance(action, proto.Close):
-                        entry = streams.pop(id(action.response), None)
-                        if entry:
-                            await entry[0].aclose()
-                    elif isinstance(action, proto.Sleep):
-                        await asyncio.sleep(action.seconds)
-                    elif isinstance(action, proto.Offload):
-                        value = await asyncio.to_thread(action.fn, *action.args)
-                    elif isinstance(action, proto.Emit):
-                        yield action.chunk
-                except asyncio.CancelledError as exc:
-                    if cancelling:
-                        raise
-                    cancelling = True
-                    await self._aclose_streams(streams)
-                    throw = exc  # the flow cancels the fal job, then re-raises it
-                except Exception as exc:
-                    throw = exc
-        finally:
-            await self._aclose_streams(streams)
-            flow.close()
-
-    @staticmethod
-    async def _aclose_streams(streams: dict) -> None:
-        for resp, _ in streams.values():
-            try:
-                await resp.aclose()
-            except BaseException:  # noqa: BLE001
-                pass
-        streams.clear()
+        return run_flow(self.mode, call, self.image_options)
 
     # ------------------------------------------------------------------ Backend API
 
@@ -495,11 +367,11 @@ class FalBackend(Backend):
 
     def stream(self, request: Request, *, on_update: OnUpdate | None = None) -> Iterator[Chunk]:
         """Text chunks as fal produces them (mode "stream"), else the whole answer at once."""
-        yield from self._drive(self._call(request, on_update), self._sync_client())
+        yield from drive(self._flow(request, on_update), self._sync_client())
 
     async def astream(self, request: Request, *, on_update: OnUpdate | None = None) -> AsyncIterator[Chunk]:
         async with self._async_client() as client:
-            agen = self._adrive(self._call(request, on_update), client)
+            agen = adrive(self._flow(request, on_update), client)
             try:
                 async for chunk in agen:
                     yield chunk

@@ -1,0 +1,30 @@
+"""Checks of constructor arguments, shared by every class that takes options.
+
+A bottom-layer module (imports only :mod:`mantis_llm.errors`), so that ``images`` and the
+backends can share one wording: ``"max_batch_size must be a positive integer, not 0"``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import ConfigurationError
+
+
+def check_option(ok: bool, name: str, what: str, value: Any) -> None:
+    """Raise a ConfigurationError naming the constructor argument ``name`` unless ``ok``."""
+    if not ok:
+        raise ConfigurationError(f"{name} must be {what}, not {value!r}")
+
+
+def is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def is_non_negative_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def is_number(value: Any) -> bool:
+    """An int or float, not a bool (True is an int to Python, never a timeout to a user)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

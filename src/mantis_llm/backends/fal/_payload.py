@@ -1,0 +1,164 @@
+"""The endpoint's input JSON: the prompt, the images (downloaded, encoded or uploaded to
+fal storage as needed) and the generation parameters the user set."""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from datetime import datetime, timezone
+from typing import Any
+
+import httpx
+from pydantic import SecretStr
+
+from ...errors import AuthenticationError, BackendError
+from ...images import Download, EncodedImage, ImageOptions, _labeled, encode_bytes, encode_for_fal
+from ...prompt import render
+from ...types import Image
+from .._http.actions import Flow, close, offload, read, send
+from .._http.responses import json_body
+from ._call import Call
+from ._config import CdnToken
+
+logger = logging.getLogger("mantis_llm.fal")
+
+
+def token_from_response(data: Any, now: float) -> CdnToken:
+    """The CDN token from ``/storage/auth/token``, valid until a minute before ``expires_at``."""
+    if not isinstance(data, dict) or not data.get("token"):
+        raise BackendError("fal storage answered without an upload token")
+    ttl = 600.0
+    raw = data.get("expires_at")
+    if isinstance(raw, str):
+        try:
+            exp = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+            if exp.tzinfo is None:
+                exp = exp.replace(tzinfo=timezone.utc)
+            ttl = exp.timestamp() - time.time()
+        except ValueError:
+            pass
+    header = f"{data.get('token_type') or 'Bearer'} {data['token']}"
+    return CdnToken(SecretStr(header), now + max(0.0, ttl - 60.0))
+
+
+def download(url: str, options: ImageOptions, label: str) -> Flow[bytes]:
+    """Fetch an http(s) image with :class:`~mantis_llm.images.Download`'s limits, through the
+    driver's client (so the download is sync or async with the call, and never carries our key).
+
+    A failure raises an :class:`~mantis_llm.errors.ImageError`; the driver closes the open
+    response when the flow ends.
+    """
+    with _labeled(label):
+        dl = Download(url, options)
+        while True:
+            resp = yield from send(dl.request(), stream=True)
+            if isinstance(resp, httpx.HTTPError):
+                with dl.translate():
+                    raise resp
+            if dl.on_head(resp):
+                yield from close(resp)
+                continue
+            while chunk := (yield from read(resp, max(dl.deadline - time.monotonic(), 0.001))):
+                if isinstance(chunk, httpx.HTTPError):
+                    with dl.translate():
+                        raise chunk
+                dl.on_chunk(chunk)
+            yield from close(resp)
+            return dl.finish()
+
+
+def encode_image(image: Image, label: str, call: Call, options: ImageOptions) -> Flow[str | EncodedImage]:
+    """One image as a URL or data URI string, or an :class:`EncodedImage` too large for a
+    data URI (to be uploaded). Decoding and encoding run off the event loop."""
+    if image.is_remote and not options.fetch_remote:
+        assert image.url is not None
+        return image.url  # passed through as it is: nothing to decode, no thread hop
+    if image.is_remote:
+        assert image.url is not None
+        data = yield from download(image.url, options, label)
+        enc = yield from offload(partial(encode_bytes, label=label), data, options)
+    else:
+        found = yield from offload(partial(encode_for_fal, label=label), image, options)
+        assert isinstance(found, EncodedImage)  # only remote images pass through as strings
+        enc = found
+    uri = enc.data_uri()
+    return uri if len(uri) <= call.cfg.upload_threshold else enc
+
+
+def upload(call: Call, enc: EncodedImage) -> Flow[str]:
+    """Upload one encoded image to fal storage (v3 CDN flow), cached by content hash."""
+    digest = enc.sha256
+    cached = call.state.uploads.get(digest)
+    if cached:
+        logger.debug("fal upload: cache hit for %s", digest[:12])
+        return cached
+    cfg = call.cfg
+    for attempt in range(2):
+        token = call.state.token
+        if token is None or token.expires <= call.clock():
+            resp = yield from call.step(
+                "storage token",
+                "idempotent",
+                lambda t: cfg.build(
+                    "POST",
+                    f"{cfg.rest_url}/storage/auth/token",
+                    params={"storage_type": "fal-cdn-v3"},
+                    json={},
+                    timeout=t,
+                ),
+            )
+            token = call.state.token = token_from_response(json_body(resp), call.clock())
+        ext = enc.mime_type.split("/")[-1]
+        header = token.header.get_secret_value()
+        try:
+            resp = yield from call.step(
+                "upload",
+                "idempotent",
+                lambda t, header=header: cfg.build(
+                    "POST",
+                    f"{cfg.cdn_url}/files/upload",
+                    key_auth=False,
+                    content=enc.data,
+                    timeout=t,
+                    headers={
+                        "Authorization": header,
+                        "Content-Type": enc.mime_type,
+                        "X-Fal-File-Name": f"{digest[:16]}.{ext}",
+                    },
+                ),
+                cap=None,
+            )
+        except AuthenticationError:
+            if attempt:
+                raise
+            call.state.token = None  # the token expired early or was revoked: fetch a new one once
+            continue
+        data = json_body(resp)
+        if not isinstance(data, dict) or not isinstance(data.get("access_url"), str):
+            raise BackendError("fal storage upload returned no access_url")
+        call.metrics["uploads"] += 1
+        call.state.uploads[digest] = data["access_url"]
+        logger.debug("fal upload: %d bytes -> %s", len(enc.data), data["access_url"])
+        return data["access_url"]
+    raise AssertionError("unreachable")
+
+
+def build_payload(call: Call, options: ImageOptions) -> Flow[dict[str, Any]]:
+    """The endpoint's input JSON: prompt, images (uploading large ones), and the params set."""
+    rendered = render(call.request.conversation, "fal")
+    urls = []
+    for label, image in rendered.labeled_images:
+        item = yield from encode_image(image, label, call, options)
+        urls.append(item if isinstance(item, str) else (yield from upload(call, item)))
+    payload: dict[str, Any] = {"prompt": rendered.text, "images": [{"image_url": u} for u in urls]}
+    # Only what the user set; fal's defaults apply to the rest. The LLaVA endpoints at fal
+    # name the length limit "max_tokens" (one older page says "max_new_tokens"; pass that
+    # through extra_input if an endpoint needs it).
+    params = call.request.params
+    for name in ("max_tokens", "temperature", "top_p", "seed"):
+        value = getattr(params, name)
+        if value is not None:
+            payload[name] = value
+    payload.update(call.cfg.extra_input)
+    return payload

@@ -1,0 +1,9 @@
+"""The local backend: Mantis in this process with transformers (``backend="local"``).
+
+Importing this package imports neither torch nor transformers; they load with the model.
+"""
+
+from ._loading import INSTALL_HINT
+from .backend import TransformersBackend
+
+__all__ = ["TransformersBackend", "INSTALL_HINT"]
