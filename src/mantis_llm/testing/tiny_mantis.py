@@ -1,4 +1,4 @@
-"""Tiny random-weight Mantis stand-ins and test images, for tests, notebooks and benchmarks.
+"""Tiny random-weight Mantis stand-ins, for tests, notebooks and benchmarks.
 
 :func:`build_tiny_mantis` writes a LLaVA checkpoint of the real Mantis architecture (a CLIP
 or SigLIP vision tower, a projector, a Llama language model) with a byte-level tokenizer that
@@ -14,31 +14,15 @@ real one. Nothing is downloaded. torch and transformers are imported only when c
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["build_tiny_mantis", "tokens_per_image", "make_image_bytes"]
+__all__ = ["build_tiny_mantis", "tokens_per_image"]
 
 _MARKER = ".tiny_mantis.json"
 _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-def make_image_bytes(
-    width: int = 64, height: int = 48, color: tuple[int, int, int] = (200, 30, 30), fmt: str = "PNG"
-) -> bytes:
-    """A small encoded test image: a solid colour crossed by a white diagonal (not uniform,
-    so resizing and encoding do real work). ``fmt`` is any format Pillow writes."""
-    from PIL import Image as PILImage
-    from PIL import ImageDraw
-
-    img = PILImage.new("RGB", (width, height), color)
-    ImageDraw.Draw(img).line((0, 0, width, height), fill=(255, 255, 255), width=3)
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
 
 
 def tokens_per_image(vision: str = "clip", image_size: int = 32, patch_size: int = 8) -> int:

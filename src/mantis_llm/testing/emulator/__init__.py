@@ -1,0 +1,23 @@
+"""The fal emulator (see :mod:`._server` for the URL layout); ``python -m mantis_llm.testing.emulator``
+(or ``python -m mantis_llm.emulator``) runs it standalone."""
+
+from ._faults import FAULT_KINDS, ROUTES, Faults
+from ._jobs import HANG, JobError, ScriptEntry, Submission, expected_digest, expected_output
+from ._server import DEFAULT_APPS, DEFAULT_KEY, FORBIDDEN_KEY, FalEmulator, RecordedRequest
+
+__all__ = [
+    "FalEmulator",
+    "Faults",
+    "JobError",
+    "HANG",
+    "ScriptEntry",
+    "Submission",
+    "RecordedRequest",
+    "expected_digest",
+    "expected_output",
+    "DEFAULT_KEY",
+    "FORBIDDEN_KEY",
+    "DEFAULT_APPS",
+    "FAULT_KINDS",
+    "ROUTES",
+]
