@@ -21,7 +21,7 @@ from llama_index.core.base.llms.types import ChatMessage, ImageBlock, MessageRol
 
 from mantis_llm import Conversation, Image, Turn
 from mantis_llm.errors import InvalidRequestError, MantisError
-from mantis_llm.langchain import messages_to_conversation
+from mantis_llm.langchain import to_conversation as messages_to_conversation
 from mantis_llm.llama_index import to_conversation
 from mantis_llm.prompt import IMAGE_TOKEN, SEP, render
 

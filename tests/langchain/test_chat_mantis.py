@@ -504,7 +504,7 @@ def test_key_never_in_repr_serialization(emu, monkeypatch):
         ({"top_p": 0, "max_tokens": "many"}, "max_tokens: Input should be a valid integer, unable to "
          "parse string as an integer; top_p: Input should be greater than 0"),
         ({"stop": ["ok", 3]}, "stop[1]: Input should be a valid string"),
-        ({"backend": "gpu"}, "backend: Input should be 'fal' or 'local'; backend: Input should be an instance of Backend"),
+        ({"backend": "gpu"}, "backend: Input should be 'fal' or 'local', or a Backend instance, not 'gpu'"),
         ({"model_name": 7}, "model_name: Input should be a valid string"),
         ({"timeout": 0, "max_retries": -1}, "timeout: Input should be greater than 0; "
          "max_retries: Input should be greater than or equal to 0"),

@@ -18,7 +18,7 @@ from langchain_core.messages import (
 )
 
 from mantis_llm.errors import ImageError, InvalidRequestError, MantisError
-from mantis_llm.langchain import messages_to_conversation
+from mantis_llm.langchain import to_conversation as messages_to_conversation
 from mantis_llm.types import Image
 
 URL = "https://example.com/cat.png"

@@ -93,7 +93,7 @@ def test_import_pulls_no_torch():
         ({"timeout": -1, "context_window": 0}, "timeout: Input should be greater than 0; "
          "context_window: Input should be greater than or equal to 1"),
         ({"stop": [""]}, "stop=('',) is invalid: every stop sequence must be a non-empty string"),
-        ({"backend": "openai"}, "unknown backend 'openai'"),
+        ({"backend": "gpu"}, "backend: Input should be 'fal' or 'local', or a Backend instance, not 'gpu'"),
         ({"temprature": 0.2}, "temprature: Extra inputs are not permitted"),  # misspelt, not ignored
         ({"api_key": ["sk-very-secret"]}, "api_key: Input should be a valid string"),
     ],
@@ -161,7 +161,7 @@ def test_backend_instance_serializes_as_its_name(emu):
     m = Mantis(backend=backend)
     assert m.to_dict()["backend"] == "fal"
     m.close()  # a backend passed in is left open for its owner
-    assert m._get_backend() is backend
+    assert m.get_backend() is backend
     backend.close()
 
 
@@ -347,10 +347,10 @@ def test_api_key_reaches_the_backend_and_an_empty_one_is_refused(monkeypatch):
     monkeypatch.setenv("FAL_KEY", "env-key")
     for cls in CLASSES:
         m = cls(api_key="given-key")
-        assert m._get_backend().api_key.get_secret_value() == "given-key"
+        assert m.get_backend().api_key.get_secret_value() == "given-key"
         m.close()
         with pytest.raises(ConfigurationError, match="api_key is empty"):
-            cls(api_key="")._get_backend()
+            cls(api_key="").get_backend()
 
 
 def test_unsupported_block_fails_before_any_request(model, emu):
@@ -442,7 +442,7 @@ def test_pickle_keeps_settings_and_rebuilds_the_backend(emu, png_bytes):
     m = Mantis(max_tokens=5, model="fal-ai/mantis-llava-7b-v11")
     m.chat([user(ImageBlock(image=png_bytes), "hi")])
     clone = pickle.loads(pickle.dumps(m))
-    assert clone.max_tokens == 5 and clone._backend is None
+    assert clone.max_tokens == 5 and clone._slot.backend is None
     assert clone.chat([user(ImageBlock(image=png_bytes), "hi")]).message.content
     m.close()
     clone.close()

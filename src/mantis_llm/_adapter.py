@@ -1,0 +1,112 @@
+"""What the LangChain and LlamaIndex adapters share: one rule for building their backend
+(once, on first use), and the checks on their fields. Framework-neutral."""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .backends import BACKEND_NAMES, Backend, resolve_backend
+from .errors import ConfigurationError, InvalidRequestError, from_validation_error
+from .types import GenerationParams
+
+
+def require_extra(module: str, package: str, extra: str, needed_by: str) -> None:
+    """Import ``module`` or raise ImportError saying which extra of mantis-llm installs it."""
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f'{needed_by} needs {package}: pip install "mantis-llm[{extra}]" ({exc})') from exc
+
+
+# Settings the adapters' own fields make; backend_options may not set them a second time.
+BUILT_BY_FIELDS = ("api_key", "timeout", "max_retries", "model", "endpoint")
+
+
+class BackendSlot:
+    """Holds the backend an adapter builds on first use. Copies and pickles start empty (a
+    backend holds connection pools or model weights), so a copied adapter builds its own."""
+
+    __slots__ = ("backend", "lock")
+
+    def __init__(self) -> None:
+        self.backend: Backend | None = None
+        self.lock = threading.Lock()
+
+    def get(self, build: Callable[[], Backend]) -> Backend:
+        if self.backend is None:
+            with self.lock:
+                if self.backend is None:
+                    self.backend = build()
+        return self.backend
+
+    def take(self) -> Backend | None:
+        """Empty the slot; the backend it held (if any) is the caller's to close."""
+        backend, self.backend = self.backend, None
+        return backend
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BackendSlot:
+        return BackendSlot()
+
+    def __reduce__(self) -> tuple[type[BackendSlot], tuple[()]]:
+        return (BackendSlot, ())
+
+
+def build_backend(
+    backend: str | Backend,
+    model: str | None,
+    *,
+    api_key: Any,
+    timeout: float | None,
+    max_retries: int | None,
+    backend_options: dict[str, Any],
+) -> Backend:
+    """The backend an adapter's fields describe (``api_key=None``: the backend reads the environment)."""
+    return resolve_backend(backend, model, api_key=api_key, timeout=timeout, max_retries=max_retries, **backend_options)
+
+
+def check_fields(owner: str, backend_options: dict[str, Any], default_params: Callable[[], GenerationParams]) -> None:
+    """Refuse, at construction, what would otherwise fail at the first call."""
+    clash = sorted(set(backend_options) & set(BUILT_BY_FIELDS))
+    if clash:
+        raise ConfigurationError(f"{owner}: backend_options may not set {clash}: use the {owner} fields instead")
+    try:
+        default_params()  # e.g. an empty stop string
+    except InvalidRequestError as exc:
+        raise ConfigurationError(f"{owner}: {exc.message}") from None
+
+
+def typed_errors(cls: type, data: Any, handler: Any) -> Any:
+    """A pydantic wrap validator: pydantic's ValidationError (a ValueError) becomes our
+    ConfigurationError naming each field; that is not a ValueError, so pydantic passes it
+    through unwrapped (also from the adapters' "after" validators)."""
+    from pydantic import ValidationError
+
+    try:
+        return handler(data)
+    except ValidationError as exc:
+        raise from_validation_error(exc, cls.__name__) from None
+
+
+def backend_label(backend: str | Backend) -> str:
+    """The name a serialized adapter stores for its backend (``"local"`` for transformers)."""
+    if isinstance(backend, Backend):
+        return "local" if backend.provider == "transformers" else backend.provider
+    return backend
+
+
+def check_backend(cls: type, value: Any) -> Any:
+    """A pydantic "before" validator for the adapters' ``backend`` field: one message, naming
+    the value, for anything that is neither a backend name nor a Backend instance."""
+    if isinstance(value, Backend) or (isinstance(value, str) and value in BACKEND_NAMES):
+        return value
+    from pydantic_core import PydanticCustomError
+
+    names = " or ".join(repr(n) for n in BACKEND_NAMES)
+    raise PydanticCustomError(
+        "backend",
+        "Input should be {names}, or a Backend instance, not {value}",
+        {"value": repr(value)[:60], "names": names},
+    )

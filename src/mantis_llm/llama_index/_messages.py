@@ -1,0 +1,147 @@
+"""LlamaIndex chat messages in, a neutral :class:`~mantis_llm.types.Conversation` out.
+
+- roles: system/developer -> system; user -> user; assistant/chatbot/model -> assistant;
+  tool/function -> a user turn starting with ``"Tool result:"``;
+- ``TextBlock`` -> text; ``ImageBlock`` -> an image at that exact position: http(s) and
+  ``data:`` URLs are passed on as they are, a ``path`` stays a path (read by the backend),
+  ``image`` bytes (raw or base64) and file objects are read with ``ImageBlock.resolve_image()``;
+- ``CitableBlock``/``CitationBlock`` -> their nested text and images; ``CachePoint`` and
+  ``ThinkingBlock`` are skipped; anything else raises
+  :class:`~mantis_llm.errors.InvalidRequestError` naming the block and the message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, Union
+
+from llama_index.core.base.llms.generic_utils import image_node_to_image_block
+from llama_index.core.base.llms.types import (
+    CachePoint,
+    ChatMessage,
+    CitableBlock,
+    CitationBlock,
+    ImageBlock,
+    MessageRole,
+    TextBlock,
+    ThinkingBlock,
+)
+from llama_index.core.schema import ImageDocument, ImageNode
+
+from ..errors import ImageError, InvalidRequestError
+from ..types import Conversation, Image, Part, Turn
+
+ImageInput = Union[ImageBlock, ImageNode, ImageDocument]
+
+_ROLES = {
+    MessageRole.SYSTEM: "system",
+    MessageRole.DEVELOPER: "system",
+    MessageRole.USER: "user",
+    MessageRole.ASSISTANT: "assistant",
+    MessageRole.CHATBOT: "assistant",
+    MessageRole.MODEL: "assistant",
+    MessageRole.TOOL: "user",
+    MessageRole.FUNCTION: "user",
+}
+TOOL_PREFIX = "Tool result:"
+
+
+def image_block_to_image(block: ImageBlock, label: str = "image") -> Image:
+    """One ``ImageBlock`` as a :class:`~mantis_llm.types.Image` (no download, no decode of URLs).
+
+    Precedence follows ``ImageBlock.resolve_image``: ``image`` bytes, then ``path``, then ``url``.
+    """
+    mime = block.image_mimetype
+    try:
+        if block.image is not None:
+            # as_base64=False: core's as_base64=True returns file objects un-encoded (#23159).
+            return Image(block.resolve_image().read(), mime_type=mime)
+        if block.path is not None:
+            return Image(block.path, mime_type=mime)
+        if block.url is not None:
+            return Image(str(block.url), mime_type=mime)  # http(s) / data: only, else ImageError
+    except ImageError as exc:
+        raise ImageError(f"{label}: {exc.message}") from None
+    except (ValueError, OSError) as exc:  # bad base64, empty stream, unreadable file
+        raise ImageError(f"{label}: cannot read the ImageBlock: {exc}") from None
+    raise ImageError(f"{label}: the ImageBlock has no image, path or url")
+
+
+def image_block(source: Any, *, mime_type: str | None = None) -> ImageBlock:
+    """An ``ImageBlock`` from any image source :class:`~mantis_llm.types.Image` accepts,
+    including PIL images (which ``ImageBlock`` itself does not take).
+
+    An http(s) URL stays ``url`` (nothing is downloaded); a data URI, path, bytes, PIL image
+    (encoded as PNG) or binary file object is read into ``image`` bytes, with the type sniffed
+    from them (``mime_type`` when they do not tell). Raises
+    :class:`~mantis_llm.errors.ImageError` when the source cannot be read.
+    """
+    img = Image(source, mime_type=mime_type)
+    if img.is_remote:
+        return ImageBlock(url=img.url, image_mimetype=mime_type)
+    data, sniffed = img.data, img.mime_type
+    if sniffed is None or not sniffed.startswith("image/"):
+        sniffed = mime_type  # unknown or not an image: checked (and refused) when sent
+    return ImageBlock(image=data, image_mimetype=sniffed)
+
+
+def to_image_block(item: Any, label: str = "image") -> ImageBlock:
+    """An ``ImageBlock`` from an ``ImageBlock``, ``ImageNode`` or ``ImageDocument`` (core's converter)."""
+    if isinstance(item, ImageBlock):
+        return item
+    if isinstance(item, (ImageNode, ImageDocument)):
+        try:
+            return image_node_to_image_block(item)  # type: ignore[arg-type]  # duck-typed: works for both
+        except ValueError as exc:
+            raise ImageError(f"{label}: {exc}") from None
+    raise InvalidRequestError(f"{label}: expected an ImageBlock, ImageNode or ImageDocument, got {type(item).__name__}")
+
+
+def _parts(blocks: Sequence[Any], where: str, counter: list[int]) -> Iterator[Part]:
+    for b, block in enumerate(blocks, 1):
+        if isinstance(block, TextBlock):
+            yield block.text
+        elif isinstance(block, ImageBlock):
+            counter[0] += 1
+            yield image_block_to_image(block, f"image {counter[0]} of {where}")
+        elif isinstance(block, (CitableBlock, CitationBlock)):
+            yield from _parts(block.nested_blocks, where, counter)
+        elif isinstance(block, (CachePoint, ThinkingBlock)):
+            continue
+        else:
+            raise InvalidRequestError(
+                f"{where}, block {b}: {type(block).__name__} is not supported (Mantis reads text and images only)"
+            )
+
+
+def to_conversation(messages: Sequence[ChatMessage]) -> Conversation:
+    """Translate LlamaIndex chat messages into a :class:`~mantis_llm.types.Conversation`.
+
+    One turn per message (so ``message N`` in errors is ``messages[N-1]``), parts in block order.
+    """
+    if isinstance(messages, ChatMessage):
+        messages = [messages]
+    turns = []
+    for m, message in enumerate(messages, 1):
+        where = f"message {m}"
+        if not isinstance(message, ChatMessage):
+            raise InvalidRequestError(f"{where}: expected a ChatMessage, got {type(message).__name__}")
+        role = _ROLES.get(MessageRole(message.role))
+        if role is None:  # pragma: no cover - a MessageRole added by a future llama-index
+            raise InvalidRequestError(f"{where}: role {message.role!r} is not supported")
+        parts = list(_parts(message.blocks, where, [0]))
+        if message.role in (MessageRole.TOOL, MessageRole.FUNCTION):
+            name = message.additional_kwargs.get("name") or message.additional_kwargs.get("tool_call_id")
+            parts.insert(0, f"{TOOL_PREFIX} ({name})" if name else TOOL_PREFIX)
+        turns.append(Turn(role, parts))
+    return Conversation(turns)
+
+
+def prompt_messages(prompt: str, image_documents: Sequence[ImageInput] | None = None) -> list[ChatMessage]:
+    """The one user message a ``complete(prompt, image_documents)`` call stands for: images, then text."""
+    if not isinstance(prompt, str):
+        raise InvalidRequestError(f"prompt must be a str, not {type(prompt).__name__}")
+    blocks: list[Any] = [to_image_block(doc, f"image_documents[{i}]") for i, doc in enumerate(image_documents or ())]
+    if prompt:
+        blocks.append(TextBlock(text=prompt))
+    return [ChatMessage(role=MessageRole.USER, blocks=blocks)]
