@@ -82,7 +82,8 @@ def machine() -> str:
         pass
     import torch
 
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"
+    threads, py = torch.get_num_threads(), platform.python_version()
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads), Python {py}"
 
 
 def main() -> None:
@@ -115,7 +116,8 @@ def main() -> None:
         model, processor = backend.hf_model, backend.processor
         n_params = sum(p.numel() for p in model.parameters())
         print(
-            f"model: {n_params / 1e6:.1f}M params, {backend.tokens_per_image} tokens/image, built+loaded in {time.perf_counter() - t0:.1f}s"
+            f"model: {n_params / 1e6:.1f}M params, {backend.tokens_per_image} tokens/image, "
+            f"built+loaded in {time.perf_counter() - t0:.1f}s"
         )
         print(f"machine: {machine()}")
 
@@ -123,7 +125,7 @@ def main() -> None:
         prompts = [f"Describe picture number {i} in detail." for i in range(8)]
         requests = [
             Request(Conversation.from_prompt(p, [img]), GenerationParams(max_tokens=args.max_tokens))
-            for p, img in zip(prompts, images)
+            for p, img in zip(prompts, images, strict=True)
         ]
 
         def direct(i: int) -> str:
@@ -148,12 +150,12 @@ def main() -> None:
         ours, theirs = [], []
         for r in range(args.overhead_rounds):
             i = r % len(requests)
-            t_b, resp = timed(lambda: backend.generate(requests[i]))
-            t_d, text = timed(lambda: direct(i))
+            t_b, resp = timed(lambda i=i: backend.generate(requests[i]))
+            t_d, text = timed(lambda i=i: direct(i))
             assert resp.text == text, "backend and direct generate disagree"
             ours.append(t_b)
             theirs.append(t_d)
-        overhead = statistics.median(b / d for b, d in zip(ours, theirs))
+        overhead = statistics.median(b / d for b, d in zip(ours, theirs, strict=True))
         print(
             f"(a) one request ({resp.usage.input_tokens} prompt tokens incl. 1 image, {args.max_tokens} new): "
             f"backend median {statistics.median(ours) * 1000:.0f} ms (min {min(ours) * 1000:.0f}), direct median "
@@ -170,8 +172,8 @@ def main() -> None:
             backend.generate(requests[0])  # warm up
             seq_times, conc_times = [], []
             for _ in range(args.rounds):
-                t_s, seq = timed(lambda: [backend.generate(r) for r in requests])
-                t_c, conc = timed(lambda: concurrent(backend, requests))
+                t_s, seq = timed(lambda b=backend: [b.generate(r) for r in requests])
+                t_c, conc = timed(lambda b=backend: concurrent(b, requests))
                 assert [r.text for r in seq] == [r.text for r in conc], "batched answers differ from one by one"
                 seq_times.append(t_s)
                 conc_times.append(t_c)

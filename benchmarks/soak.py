@@ -224,7 +224,7 @@ async def _run(
         answers = await chat.abatch(
             [to_langchain(r) for r in lc], config={"max_concurrency": concurrency}, return_exceptions=True
         )
-        for r, a in zip(lc, answers):
+        for r, a in zip(lc, answers, strict=True):
             if isinstance(a, BaseException):
                 outcomes[r.index] = Outcome(r, error=a, request_id=getattr(a, "request_id", None))
             else:
@@ -308,6 +308,7 @@ def report(res: SoakResult, seed: int) -> str:
     """The figures as a Markdown block for benchmarks/RESULTS.md."""
     v = res.verdicts
     faults = ", ".join(f"{k} {c}" for k, c in sorted(res.faults.items(), key=lambda kv: -kv[1]))
+    n_faults = sum(res.faults.values())
     lines = [
         f"{date.today().isoformat()}, {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}; "
         f"emulator in-process, 50 ms jobs, seed {seed}, 16 concurrent per framework, max_retries=8, "
@@ -318,15 +319,15 @@ def report(res: SoakResult, seed: int) -> str:
         f"| requests (LangChain abatch / LlamaIndex achat) | {res.n} ({res.n - res.n // 2} / {res.n // 2}) |",
         f"| total wall time | {res.wall:.1f} s ({res.n / res.wall:.0f} requests/s) |",
         f"| HTTP requests seen by the emulator | {res.http_requests} |",
-        f"| faults injected | {sum(res.faults.values())} ({sum(res.faults.values()) / res.http_requests:.1%} of HTTP requests): {faults} |",
+        f"| faults injected | {n_faults} ({n_faults / res.http_requests:.1%} of HTTP requests): {faults} |",
         f"| retries made by FalBackend (in the answered calls) | {res.retries} |",
         f"| answered correctly (own digest) | {v['ok']} |",
         f"| typed BackendError, submit hit by 500/drop (not resent by design) | {v['submit-ambiguous']} |",
         f"| typed BackendError, result fetch still failing after every retry | {v['result-500']} |",
         f"| wrong answers / untyped or unexplained errors | {sum(c for k, c in v.items() if k == 'WRONG')} |",
         f"| jobs accepted / payloads submitted twice | {res.submissions} / {res.duplicate_submissions} |",
-        f"| latency per answered call, p50 / p95 / max | {res.quantile(0.5) * 1000:.0f} / {res.quantile(0.95) * 1000:.0f} / "
-        f"{max(res.latencies) * 1000:.0f} ms |",
+        f"| latency per answered call, p50 / p95 / max | {res.quantile(0.5) * 1000:.0f} / "
+        f"{res.quantile(0.95) * 1000:.0f} / {max(res.latencies) * 1000:.0f} ms |",
     ]
     return "\n".join(lines)
 

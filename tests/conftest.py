@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from pathlib import Path
 
 import pytest
 
 from mantis_llm.testing import make_image_bytes
+
+# Nothing in the tests may reach the Hugging Face Hub (no network here); set before any test
+# module imports huggingface_hub, which reads these once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture
@@ -84,10 +90,3 @@ class LoopTicker:
 def loop_ticker() -> type[LoopTicker]:
     """The ``LoopTicker`` class: ``async with loop_ticker(0.01) as t: ...; assert t.ticks > n``."""
     return LoopTicker
-
-
-# Nothing in the tests may reach the Hugging Face Hub (no network here).
-import os as _os
-
-_os.environ.setdefault("HF_HUB_OFFLINE", "1")
-_os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -21,7 +21,6 @@ from .types import (
 )
 
 
-
 def __getattr__(name: str):  # FalBackend / TransformersBackend load on first use
     if name in ("FalBackend", "TransformersBackend"):
         from . import backends
@@ -31,6 +30,7 @@ def __getattr__(name: str):  # FalBackend / TransformersBackend load on first us
 
 
 __all__ = [
+    "__version__",
     "errors",
     "Backend",
     "resolve_backend",

@@ -97,7 +97,7 @@ def backend_label(backend: str | Backend) -> str:
     return backend
 
 
-def check_backend(cls: type, value: Any) -> Any:
+def check_backend(value: Any) -> Any:
     """A pydantic "before" validator for the adapters' ``backend`` field: one message, naming
     the value, for anything that is neither a backend name nor a Backend instance."""
     if isinstance(value, Backend) or (isinstance(value, str) and value in BACKEND_NAMES):

@@ -33,15 +33,14 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from ._mime import SUPPORTED_MIME, describe, sniff_mime
-from ._version import USER_AGENT
 from ._validate import check_option, is_positive_int
+from ._version import USER_AGENT
 from .errors import ImageError
 from .types import Image
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image as PILImage
 
-    from .types import Conversation
 
 WEB_MIME = ("image/jpeg", "image/png", "image/webp")  # sent to fal as they are when they fit
 _PIL_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
@@ -285,7 +284,7 @@ def load_pil(
     with _labeled(label):
         img = _as_image(image)
         if img.is_remote:
-            return _load_from_bytes(fetch(img.url, options, client=client), options)
+            return _load_from_bytes(fetch(img.source, options, client=client), options)
         return _load_local(img, options)
 
 
@@ -300,7 +299,7 @@ async def aload_pil(
     with _labeled(label):
         img = _as_image(image)
         if img.is_remote:
-            data = await afetch(img.url, options, client=client)
+            data = await afetch(img.source, options, client=client)
             return await asyncio.to_thread(_load_from_bytes, data, options)
         return await asyncio.to_thread(_load_local, img, options)
 
@@ -322,10 +321,10 @@ def encode_for_fal(
     with _labeled(label):
         img = _as_image(image)
         if img.is_remote and not options.fetch_remote:
-            return img.url
+            return str(img.source)
         if img.kind == "pil":
             return _encode(_resize(_pil_from_source(img, options), options.short_side))
-        data = fetch(img.url, options, client=client) if img.is_remote else img.data
+        data = fetch(img.source, options, client=client) if img.is_remote else img.data
         return _encode_bytes(data, options)
 
 

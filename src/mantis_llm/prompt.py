@@ -125,7 +125,6 @@ def _turn(role: str, text: str) -> str:
     return f"{ROLE_NAMES[role]}: {text}{SEP}"
 
 
-
 def labeled_images(conversation: Conversation) -> list[tuple[str, Image]]:
     """Every image of ``conversation`` with its label, in prompt order (see :class:`RenderedPrompt`)."""
     return render(conversation).labeled_images

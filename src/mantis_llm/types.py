@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from ._mime import sniff_mime
 from .errors import ImageError, InvalidRequestError
@@ -34,13 +34,17 @@ class Image:
     """
 
     __slots__ = ("kind", "source", "_data", "_mime")
+    kind: str  # "url" | "data_uri" | "bytes" | "path" | "pil"
+    source: Any  # the URL, data URI, Path or PIL image (None for bytes)
+    _data: bytes | None
+    _mime: str | None
 
     def __init__(self, source: Any, *, mime_type: str | None = None) -> None:
         if isinstance(source, Image):
             self.kind, self.source = source.kind, source.source
             self._data, self._mime = source._data, mime_type or source._mime
             return
-        self._data: bytes | None = None
+        self._data = None
         self._mime = mime_type
         if isinstance(source, (bytes, bytearray, memoryview)):
             self.kind, self.source, self._data = "bytes", None, bytes(source)
@@ -160,7 +164,7 @@ def _decode_data_uri(uri: str) -> tuple[bytes, str | None]:
     return data, mime
 
 
-Part = Union[str, Image]
+Part = str | Image
 
 
 @dataclass
@@ -313,7 +317,6 @@ class Usage:
             "output_tokens": self.output_tokens,
             "total_tokens": self.total_tokens,
         }
-
 
 
 # ------------------------------------------------------------------------------ tools

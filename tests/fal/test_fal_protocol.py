@@ -10,8 +10,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from mantis_llm import Conversation, GenerationParams, Request, errors
-from mantis_llm import _text
+from mantis_llm import Conversation, GenerationParams, Request, _text, errors
 from mantis_llm.backends._http import actions, retry, sse
 from mantis_llm.backends.fal import _call, _config, _errors, _flows, _payload, _policy
 from mantis_llm.images import ImageOptions
@@ -315,7 +314,8 @@ def test_queue_flow_rebuilds_urls_that_point_to_another_host():
     call = make_call()
     bodies = [{"status": "COMPLETED"}]
     seen, result = drive(
-        _flows.run_flow("queue", call, ImageOptions()), queue_answers(stream_code=404, status_bodies=bodies, submit=evil)
+        _flows.run_flow("queue", call, ImageOptions()),
+        queue_answers(stream_code=404, status_bodies=bodies, submit=evil),
     )
     assert result is None, result
     hosts = {a.request.url.host for a in seen if isinstance(a, actions.Send)}
@@ -327,7 +327,8 @@ def test_queue_flow_cancels_and_times_out_with_the_request_id():
     call = make_call(clock=clock, timeout=1.0)
     bodies = [{"status": "IN_PROGRESS"}] * 1000
     seen, result = drive(
-        _flows.run_flow("queue", call, ImageOptions()), queue_answers(stream_code=404, status_bodies=bodies, clock=clock)
+        _flows.run_flow("queue", call, ImageOptions()),
+        queue_answers(stream_code=404, status_bodies=bodies, clock=clock),
     )
     assert isinstance(result, errors.RequestTimeoutError) and result.request_id == "r-1"
     assert seen[-1].request.method == "PUT" and seen[-1].request.url.path.endswith("/r-1/cancel")

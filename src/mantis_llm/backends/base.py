@@ -57,7 +57,7 @@ class Backend(ABC):
         """Run several requests concurrently."""
         return list(await asyncio.gather(*(self.agenerate(r) for r in requests)))
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook: a backend holding nothing needs no close
         """Release connections / model memory. Safe to call twice."""
 
     async def aclose(self) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, cast
 
 from langchain_core.messages import (
     AIMessage,
@@ -41,7 +41,7 @@ def to_conversation(messages: Sequence[BaseMessage]) -> Conversation:
     return Conversation([_to_turn(message, i) for i, message in enumerate(messages, 1)])
 
 
-def _role(message: BaseMessage, i: int) -> str:
+def _role(message: BaseMessage, i: int) -> Literal["system", "user", "assistant", "tool"]:
     if isinstance(message, SystemMessage):
         return "system"
     if isinstance(message, HumanMessage):
@@ -53,7 +53,7 @@ def _role(message: BaseMessage, i: int) -> str:
     if isinstance(message, ChatMessage):
         role = {"human": "user", "ai": "assistant"}.get(message.role, message.role)
         if role in ("system", "user", "assistant", "tool"):
-            return role
+            return cast(Literal["system", "user", "assistant", "tool"], role)
         raise InvalidRequestError(f"message {i}: unknown chat message role {message.role!r}")
     raise InvalidRequestError(f"message {i}: {type(message).__name__} is not supported by Mantis")
 
@@ -65,8 +65,9 @@ def _to_turn(message: BaseMessage, i: int) -> Turn:
         name = getattr(message, "name", None)
         label = "Tool error" if getattr(message, "status", None) == "error" else "Tool result"
         parts.append(f"{label}: ({name})" if name else f"{label}:")
-    for j, block in enumerate(message.content_blocks, 1):
+    for j, standard in enumerate(message.content_blocks, 1):
         where = f"message {i}, block {j}"
+        block = cast(dict[str, Any], standard)  # a TypedDict union; read as a plain dict
         kind = block.get("type")
         if kind == "non_standard":  # e.g. {"type": "image_url", "image_url": "https://..."}
             value = block.get("value") or {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from operator import itemgetter
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
@@ -20,7 +20,7 @@ from langchain_core.utils.function_calling import convert_to_json_schema
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
-from .._adapter import BackendSlot, check_backend, build_backend, check_fields, typed_errors
+from .._adapter import BackendSlot, build_backend, check_backend, check_fields, typed_errors
 from ..backends import DEFAULT_FAL_ENDPOINT, Backend, resolve_model
 from ..errors import InvalidRequestError
 from ..types import Conversation, GenerationParams, Request, Response, Turn, Update
@@ -84,10 +84,14 @@ class ChatMantis(BaseChatModel):
     _slot: BackendSlot = PrivateAttr(default_factory=BackendSlot)
 
     _typed_errors = model_validator(mode="wrap")(classmethod(typed_errors))  # type: ignore[arg-type]
-    _check_backend = field_validator("backend", mode="before")(classmethod(check_backend))  # type: ignore[arg-type]
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _check_backend(cls, value: Any) -> Any:
+        return check_backend(value)
 
     @model_validator(mode="after")
-    def _default_model_for_backend(self) -> "ChatMantis":
+    def _default_model_for_backend(self) -> ChatMantis:
         if "model" not in self.model_fields_set:
             self.model = resolve_model(self.backend)
         check_fields("ChatMantis", self.backend_options, lambda: self._params(None))
@@ -198,9 +202,7 @@ class ChatMantis(BaseChatModel):
             stop=tuple(self._merge_stop(stop) or ()),
         ).merged(**overrides)
 
-    def _request(
-        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> Request:
+    def _request(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> Request:
         kwargs = dict(kwargs)
         kwargs.pop("stream", None)  # LangChain's own streaming switch
         model = kwargs.pop("model", None)
@@ -249,7 +251,10 @@ class ChatMantis(BaseChatModel):
 
     @staticmethod
     def _usage(response: Response) -> UsageMetadata | None:
-        return None if response.usage is None else UsageMetadata(**response.usage.as_dict())
+        u = response.usage
+        if u is None:
+            return None
+        return cast(UsageMetadata, u.as_dict())  # the same three keys
 
     def _result(self, response: Response, backend: Backend) -> ChatResult:
         message = AIMessage(
@@ -385,12 +390,10 @@ class ChatMantis(BaseChatModel):
                 "schema": schema,
             },
         )
-        parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+        parser = PydanticOutputParser(pydantic_object=cast(Any, schema)) if is_pydantic else JsonOutputParser()
         if not include_raw:
             return llm | parser
         parser_assign = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
         parser_none = RunnablePassthrough.assign(parsed=lambda _: None)
         parser_with_fallback = parser_assign.with_fallbacks([parser_none], exception_key="parsing_error")
         return RunnableMap(raw=llm) | parser_with_fallback
-
-

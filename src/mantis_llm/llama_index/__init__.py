@@ -16,6 +16,7 @@ from ._messages import (  # noqa: E402
 from .base import Mantis, MantisMultiModal, MantisUpdateEvent  # noqa: E402
 
 __all__ = [
+    "TOOL_PREFIX",
     "Mantis",
     "MantisMultiModal",
     "MantisUpdateEvent",

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any, Union
+from typing import Any
 
 from llama_index.core.base.llms.generic_utils import image_node_to_image_block
 from llama_index.core.base.llms.types import (
@@ -29,11 +29,11 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.schema import ImageDocument, ImageNode
 
 from ..errors import ImageError, InvalidRequestError
-from ..types import Conversation, Image, Part, Turn
+from ..types import Conversation, Image, Part, Role, Turn
 
-ImageInput = Union[ImageBlock, ImageNode, ImageDocument]
+ImageInput = ImageBlock | ImageNode | ImageDocument
 
-_ROLES = {
+_ROLES: dict[MessageRole, Role] = {
     MessageRole.SYSTEM: "system",
     MessageRole.DEVELOPER: "system",
     MessageRole.USER: "user",

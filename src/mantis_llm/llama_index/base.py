@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import types
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Sequence
 from typing import Any, Literal, TypeVar
 
 from llama_index.core.base.llms.types import (
@@ -36,7 +36,7 @@ from llama_index.core.llms import LLM
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.multi_modal_llms import MultiModalLLM, MultiModalLLMMetadata
 
-from .._adapter import BackendSlot, check_backend, backend_label, build_backend, check_fields, typed_errors
+from .._adapter import BackendSlot, backend_label, build_backend, check_backend, check_fields, typed_errors
 from ..backends import DEFAULT_FAL_ENDPOINT, Backend, resolve_model
 from ..types import GenerationParams, Request, Response, Update
 from ._messages import ImageInput, prompt_messages, to_conversation
@@ -99,7 +99,6 @@ class MantisUpdateEvent(BaseEvent):
         return "MantisUpdateEvent"
 
 
-
 # --------------------------------------------------------------------------- shared core
 
 
@@ -146,7 +145,11 @@ class _MantisBase(BaseModel):
     _slot: BackendSlot = PrivateAttr(default_factory=BackendSlot)
 
     _typed_errors = model_validator(mode="wrap")(classmethod(typed_errors))  # type: ignore[arg-type]
-    _check_backend = field_validator("backend", mode="before")(classmethod(check_backend))  # type: ignore[arg-type]
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _check_backend(cls, value: Any) -> Any:
+        return check_backend(value)
 
     @model_validator(mode="after")
     def _checked(self) -> Any:
@@ -241,11 +244,13 @@ class _MantisBase(BaseModel):
         response = await self.get_backend().agenerate(request, on_update=self._report)
         return make(response.text, None, response)
 
-    def _stream(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any], make: Callable) -> Iterator[Any]:
+    def _stream(
+        self, messages: Sequence[ChatMessage], kwargs: dict[str, Any], make: Callable
+    ) -> Generator[Any, None, None]:
         request = self._request(messages, kwargs)  # bad input fails at the call, not mid-iteration
         backend = self.get_backend()
 
-        def gen() -> Iterator[Any]:
+        def gen() -> Generator[Any, None, None]:
             text = ""
             for chunk in backend.stream(request, on_update=self._report):
                 text += chunk.text
@@ -255,11 +260,11 @@ class _MantisBase(BaseModel):
 
     async def _astream(
         self, messages: Sequence[ChatMessage], kwargs: dict[str, Any], make: Callable
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         request = self._request(messages, kwargs)
         backend = self.get_backend()
 
-        async def gen() -> AsyncIterator[Any]:
+        async def gen() -> AsyncGenerator[Any, None]:
             text = ""
             async for chunk in backend.astream(request, on_update=self._report):
                 text += chunk.text
@@ -325,8 +330,6 @@ def _completion_args(prompt: str, image_documents: Any) -> list[ChatMessage]:
     return prompt_messages(prompt, image_documents)
 
 
-
-
 class Mantis(_MantisBase, LLM):
     """Mantis (multi-image LLaVA) as a LlamaIndex chat ``LLM``, on fal or a local model.
 
@@ -375,10 +378,10 @@ class Mantis(_MantisBase, LLM):
     stream_chat = llm_chat_callback()(_own(_MantisBase.stream_chat))
     achat = llm_chat_callback()(_own(_MantisBase.achat))
     astream_chat = llm_chat_callback()(_own(_MantisBase.astream_chat))
-    complete = llm_completion_callback()(_own(_MantisBase.complete))  # type: ignore[assignment]
-    stream_complete = llm_completion_callback()(_own(_MantisBase.stream_complete))  # type: ignore[assignment]
-    acomplete = llm_completion_callback()(_own(_MantisBase.acomplete))  # type: ignore[assignment]
-    astream_complete = llm_completion_callback()(_own(_MantisBase.astream_complete))  # type: ignore[assignment]
+    complete = llm_completion_callback()(_own(_MantisBase.complete))
+    stream_complete = llm_completion_callback()(_own(_MantisBase.stream_complete))
+    acomplete = llm_completion_callback()(_own(_MantisBase.acomplete))
+    astream_complete = llm_completion_callback()(_own(_MantisBase.astream_complete))
 
 
 class MantisMultiModal(_MantisBase, MultiModalLLM):
@@ -416,7 +419,7 @@ class MantisMultiModal(_MantisBase, MultiModalLLM):
     stream_chat = _own(_MantisBase.stream_chat)
     achat = _own(_MantisBase.achat)
     astream_chat = _own(_MantisBase.astream_chat)
-    complete = _own(_MantisBase.complete)  # type: ignore[assignment]
-    stream_complete = _own(_MantisBase.stream_complete)  # type: ignore[assignment]
-    acomplete = _own(_MantisBase.acomplete)  # type: ignore[assignment]
-    astream_complete = _own(_MantisBase.astream_complete)  # type: ignore[assignment]
+    complete = _own(_MantisBase.complete)
+    stream_complete = _own(_MantisBase.stream_complete)
+    acomplete = _own(_MantisBase.acomplete)
+    astream_complete = _own(_MantisBase.astream_complete)

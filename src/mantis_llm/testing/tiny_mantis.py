@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = ["build_tiny_mantis", "tokens_per_image"]
 
@@ -85,6 +85,7 @@ def build_tiny_mantis(
 
     tokenizer = _byte_level_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    vcfg: Any
     if vision == "clip":
         from transformers import CLIPVisionConfig
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any, TypeVar, Union
+from typing import Any, TypeVar
 
 import httpx
 
@@ -75,7 +75,7 @@ class Raised:
     exc: Exception
 
 
-Action = Union[Send, Read, Close, Sleep, Offload, Emit]
+Action = Send | Read | Close | Sleep | Offload | Emit
 Flow = Generator[Action, Any, T]
 """A flow that returns ``T``: ``Flow[httpx.Response]``, ``Flow[None]``."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -86,7 +86,7 @@ def _close_streams(streams: dict[int, tuple[httpx.Response, Iterator[bytes]]]) -
     streams.clear()
 
 
-async def adrive(flow: Flow[Any], client: httpx.AsyncClient) -> AsyncIterator[Chunk]:
+async def adrive(flow: Flow[Any], client: httpx.AsyncClient) -> AsyncGenerator[Chunk, None]:
     """Run ``flow`` with ``client`` on the running event loop, yielding the chunks it emits.
 
     On cancellation the flow gets one more round (its cancel request, shielded from a

@@ -119,7 +119,7 @@ def send_with_retries(
             if result.is_success:
                 return result
             if stream:
-                result = yield from read_whole(result, lambda: max(min(deadline.remaining(), ERROR_BODY_TIMEOUT), 0.001))
+                result = yield from read_whole(result, lambda: max(min(deadline.remaining(), ERROR_BODY_TIMEOUT), 1e-3))
             if attempt >= max_retries or not retry_response(result):
                 return result
             after = parse_retry_after(result.headers.get("retry-after"))

@@ -37,9 +37,7 @@ def format_detail(detail: Any) -> str:
     return str(detail)
 
 
-def error_for_response(
-    resp: httpx.Response, *, step: str, endpoint: str, request_id: str | None = None
-) -> MantisError:
+def error_for_response(resp: httpx.Response, *, step: str, endpoint: str, request_id: str | None = None) -> MantisError:
     """The typed error for a failed fal answer."""
     code = resp.status_code
     body = json_body(resp)

@@ -11,10 +11,10 @@ from typing import Any, Literal
 
 import httpx
 
+from ..._text import StopTrimmer, apply_stop
 from ...errors import BackendError
 from ...images import ImageOptions
 from ...types import Chunk
-from ..._text import StopTrimmer, apply_stop
 from .._http.actions import Flow, close, emit, read, send, sleep
 from .._http.responses import json_body
 from .._http.retry import DeadlineExceeded

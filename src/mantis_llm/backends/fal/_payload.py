@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 import time
-from functools import partial
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any
 
 import httpx
@@ -110,25 +110,19 @@ def upload(call: Call, enc: EncodedImage) -> Flow[str]:
             )
             token = call.state.token = token_from_response(json_body(resp), call.clock())
         ext = enc.mime_type.split("/")[-1]
-        header = token.header.get_secret_value()
-        try:
-            resp = yield from call.step(
-                "upload",
-                "idempotent",
-                lambda t, header=header: cfg.build(
-                    "POST",
-                    f"{cfg.cdn_url}/files/upload",
-                    key_auth=False,
-                    content=enc.data,
-                    timeout=t,
-                    headers={
-                        "Authorization": header,
-                        "Content-Type": enc.mime_type,
-                        "X-Fal-File-Name": f"{digest[:16]}.{ext}",
-                    },
-                ),
-                cap=None,
+        headers = {
+            "Authorization": token.header.get_secret_value(),  # the storage token, never our key
+            "Content-Type": enc.mime_type,
+            "X-Fal-File-Name": f"{digest[:16]}.{ext}",
+        }
+
+        def build(t: float, headers: dict[str, str] = headers) -> httpx.Request:
+            return cfg.build(
+                "POST", f"{cfg.cdn_url}/files/upload", key_auth=False, content=enc.data, timeout=t, headers=headers
             )
+
+        try:
+            resp = yield from call.step("upload", "idempotent", build, cap=None)
         except AuthenticationError:
             if attempt:
                 raise

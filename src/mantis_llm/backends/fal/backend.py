@@ -16,11 +16,10 @@ import math
 import os
 import ssl
 import threading
-import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import httpx
 from pydantic import SecretStr
@@ -29,9 +28,9 @@ from ..._validate import check_option, is_non_negative_int, is_number, is_positi
 from ...errors import ConfigurationError
 from ...images import ImageOptions
 from ...types import Chunk, Request, Response
+from .. import DEFAULT_FAL_ENDPOINT
 from .._http.actions import Flow
 from .._http.drivers import adrive, drive
-from .. import DEFAULT_FAL_ENDPOINT
 from ..base import Backend, OnUpdate, require_request
 from ._call import Call
 from ._config import DEFAULT_CDN_URL, DEFAULT_QUEUE_URL, DEFAULT_REST_URL, DEFAULT_RUN_URL, FalConfig, SharedState
@@ -80,7 +79,7 @@ def _url(value: str | None, env: str, default: str) -> str:
     return url
 
 
-async def _close_at_shutdown(shards: dict[httpx.AsyncClient, int]) -> AsyncIterator[None]:
+async def _close_at_shutdown(shards: dict[httpx.AsyncClient, int]) -> AsyncGenerator[None, None]:
     """Closes one event loop's pooled clients when that loop shuts down.
 
     Started once per loop and parked at its ``yield``. Before closing a loop,
@@ -352,18 +351,18 @@ class FalBackend(Backend):
 
     def generate(self, request: Request, *, on_update: OnUpdate | None = None) -> Response:
         """Run one request to completion (in stream mode the chunks are joined)."""
-        last = None
-        for last in self.stream(request, on_update=on_update):
-            pass
-        assert last is not None and last.response is not None
-        return last.response
+        response = None
+        for chunk in self.stream(request, on_update=on_update):
+            response = chunk.response or response
+        assert response is not None  # every flow ends by emitting its Response
+        return response
 
     async def agenerate(self, request: Request, *, on_update: OnUpdate | None = None) -> Response:
-        last = None
-        async for last in self.astream(request, on_update=on_update):
-            pass
-        assert last is not None and last.response is not None
-        return last.response
+        response = None
+        async for chunk in self.astream(request, on_update=on_update):
+            response = chunk.response or response
+        assert response is not None  # every flow ends by emitting its Response
+        return response
 
     def stream(self, request: Request, *, on_update: OnUpdate | None = None) -> Iterator[Chunk]:
         """Text chunks as fal produces them (mode "stream"), else the whole answer at once."""

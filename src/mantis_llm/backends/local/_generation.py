@@ -103,9 +103,7 @@ class RowTracker:
     engine the fal backend uses), fed with the decoded text minus an incomplete UTF-8 tail.
     """
 
-    def __init__(
-        self, st: Loaded, jobs: list[Job], on_finish: Callable[[Job, list[int], str, str, int], None]
-    ) -> None:
+    def __init__(self, st: Loaded, jobs: list[Job], on_finish: Callable[[Job, list[int], str, str, int], None]) -> None:
         self.st = st
         self.rows = [Row(job, StopTrimmer(job.stops)) for job in jobs]
         self.on_finish = on_finish

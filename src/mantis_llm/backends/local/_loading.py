@@ -148,11 +148,7 @@ def load(s: LoadSettings) -> Loaded:
         if value is not None:
             eos.update(value if isinstance(value, (list, tuple)) else [value])
     pad_id = next(
-        (
-            v
-            for v in (tokenizer.pad_token_id, gen.pad_token_id, getattr(config, "pad_token_id", None))
-            if v is not None
-        ),
+        (v for v in (tokenizer.pad_token_id, gen.pad_token_id, getattr(config, "pad_token_id", None)) if v is not None),
         min(eos) if eos else 0,
     )
     if isinstance(pad_id, (list, tuple)):

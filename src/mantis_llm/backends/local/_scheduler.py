@@ -8,6 +8,7 @@ it as one batch. While other callers are still preparing, a batch is held open u
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -67,10 +68,8 @@ class Job:
             self.future.cancel()
 
     def fail(self, exc: BaseException) -> None:
-        try:
+        with contextlib.suppress(InvalidStateError):  # already finished or cancelled
             self.future.set_exception(exc)
-        except InvalidStateError:  # already finished or cancelled
-            pass
         if self.sink is not None:
             self.sink(End())
 

@@ -10,6 +10,7 @@ Backend API.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import queue
@@ -153,9 +154,6 @@ class TransformersBackend(Backend):
     def __repr__(self) -> str:
         return f"TransformersBackend(model={self.model!r}, loaded={self.loaded})"
 
-    def __repr__(self) -> str:
-        return f"TransformersBackend(model={self.model!r}, loaded={self.loaded})"
-
     # ------------------------------------------------------------------ loading
 
     @property
@@ -270,9 +268,7 @@ class TransformersBackend(Backend):
             made.append(self._prepare(request, sink))
         return _queued(made[0], on_update)
 
-    async def _asubmit(
-        self, request: Request, sink: Callable[[Any], None] | None, on_update: OnUpdate | None
-    ) -> Job:
+    async def _asubmit(self, request: Request, sink: Callable[[Any], None] | None, on_update: OnUpdate | None) -> Job:
         require_request(self, request)
         if not self.loaded:
             if on_update is not None:
@@ -328,10 +324,8 @@ class TransformersBackend(Backend):
         pieces: asyncio.Queue[Any] = asyncio.Queue()
 
         def sink(item: Any) -> None:
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
                 loop.call_soon_threadsafe(pieces.put_nowait, item)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
 
         job = await self._asubmit(request, sink, on_update)
         try:

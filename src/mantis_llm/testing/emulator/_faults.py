@@ -66,14 +66,15 @@ class FaultRoller:
     def roll(self, route: str | None) -> tuple[str | None, bool]:
         """(fault kind or None, slow?) for this request, from one-shots then the seeded RNG."""
         with self._lock:
-            for i, (kind, r) in enumerate(self._oneshot):
+            for i, (forced, r) in enumerate(self._oneshot):
                 if r is None or r == route:
                     del self._oneshot[i]
-                    return (None, True) if kind == "slow" else (kind, False)
+                    return (None, True) if forced == "slow" else (forced, False)
             f = self.faults
             if f.routes is not None and route not in f.routes:
                 return None, False
-            x, kind, acc = self.rng.random(), None, 0.0
+            x, acc = self.rng.random(), 0.0
+            kind: str | None = None
             for name, p in (
                 ("drop", f.drop),
                 ("503", f.error_503),

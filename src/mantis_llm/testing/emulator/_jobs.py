@@ -4,6 +4,7 @@ fake model's answers and the scripted ones."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import threading
 import time
@@ -11,7 +12,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Union
+from typing import Any
 
 from ._faults import FaultRoller
 
@@ -59,8 +60,8 @@ class _Hang:
 
 
 HANG: Any = _Hang()  # script entry / callable return value: the job never finishes
-ScriptEntry = Union[str, JobError, object, None]
-Script = Union["collections.deque[ScriptEntry]", Callable[[Any], ScriptEntry]]
+ScriptEntry = str | JobError | object | None
+Script = collections.deque[ScriptEntry] | Callable[[Any], ScriptEntry]
 
 
 @dataclass
@@ -213,10 +214,8 @@ class JobBoard:
                 entry = expected_output(payload, None if entry is None else str(entry))
             outcome = entry
         job = Job(self._lock, app, payload, mode, outcome)
-        try:
+        with contextlib.suppress(TypeError, ValueError):  # no (or a bad) X-Fal-Request-Timeout
             job.start_by = job.created + float(timeout_header)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            pass
         job.log("Request queued")
         self.jobs[job.id] = job
         self.queue.append(job)

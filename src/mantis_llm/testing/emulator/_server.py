@@ -28,6 +28,7 @@ Pillow to check images).
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import re
@@ -43,7 +44,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from ...backends import DEFAULT_FAL_ENDPOINT
 from ._faults import FaultRoller, Faults
-from ._jobs import HANG, Job, JobBoard, ScriptEntry, Submission, digest
+from ._jobs import Job, JobBoard, ScriptEntry, Submission, digest
 from ._storage import Storage
 from ._validation import check_image, validate
 
@@ -95,10 +96,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def finish(self) -> None:
         self.server.emu._track(self.connection, False)  # type: ignore[attr-defined]
-        try:
+        with contextlib.suppress(OSError):
             super().finish()
-        except OSError:
-            pass
 
     def _dispatch(self) -> None:
         self.server.emu._handle(self)  # type: ignore[attr-defined]
@@ -297,10 +296,8 @@ class FalEmulator:
             self._board.wake.notify_all()
             conns = list(self._conns)
         for conn in conns:
-            try:
+            with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         server.server_close()
         for t in self._threads:
             t.join(timeout=2)
@@ -340,10 +337,8 @@ class FalEmulator:
             time=time.time(),
         )
         if raw and "json" in rec.headers.get("content-type", "json"):
-            try:
+            with contextlib.suppress(ValueError):
                 rec.json = json.loads(raw)
-            except ValueError:
-                pass
         route, args = self._route(h.command, path)
         rec.route = route
         with self._lock:
@@ -352,10 +347,8 @@ class FalEmulator:
             self._serve(h, rec, route, args, raw)
         except _Dropped:
             h.close_connection = True
-            try:
+            with contextlib.suppress(OSError):
                 h.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         except (BrokenPipeError, ConnectionResetError):
             h.close_connection = True
         except Exception:  # a bug in the emulator: answer 500 rather than hanging the client
@@ -414,10 +407,10 @@ class FalEmulator:
         if route is None:
             return self._send(h, rec, 404, {"detail": f"Not found: {h.command} {rec.path}"})
         if route == "file":
-            found = self._storage.get(args["fid"])
-            if found is None:
+            stored = self._storage.get(args["fid"])
+            if stored is None:
                 return self._send(h, rec, 404, {"detail": "File not found"})
-            return self._send(h, rec, 200, found[1], content_type=found[0])
+            return self._send(h, rec, 200, stored[1], content_type=stored[0])
         if route == "upload":
             code, body = self._storage.upload(rec.headers, raw, self.cdn_url)
             return self._send(h, rec, code, body)
@@ -450,23 +443,25 @@ class FalEmulator:
             return self._run(h, rec, app, raw, stream=route == "run_stream")
         with_logs = rec.query.get("logs", "").lower() in ("1", "true")
         with self._lock:  # decide under the lock, write to the socket outside it
-            job = self._board.jobs.get(args["rid"])
-            job = job if job is not None and job.app == app else None
-            rid = {"x-fal-request-id": job.id} if job else {}
-            if job is None:
+            known = self._board.jobs.get(args["rid"])
+            found = known if known is not None and known.app == app else None
+            rid = {"x-fal-request-id": found.id} if found else {}
+            answer: tuple[int, dict[str, Any], dict[str, str]]
+            if found is None:
                 answer = (
                     404,
                     {"status": "NOT_FOUND"} if route == "cancel" else {"detail": f"Request {args['rid']!r} not found"},
                     {},
                 )
             elif route == "status":
-                answer = (200 if job.status == "COMPLETED" else 202, self._board.status_body(job, self.url, with_logs), rid)
+                code = 200 if found.status == "COMPLETED" else 202
+                answer = (code, self._board.status_body(found, self.url, with_logs), rid)
             elif route == "cancel":
-                answer = (*self._board.cancel(job), {})
+                answer = (*self._board.cancel(found), {})
             elif route == "result":
-                answer = self._result(job) if job.result else (400, {"detail": "Request is still in progress"}, rid)
-        if job is not None and route == "stream":
-            return self._status_stream(h, rec, job, with_logs)
+                answer = self._result(found) if found.result else (400, {"detail": "Request is still in progress"}, rid)
+        if found is not None and route == "stream":
+            return self._status_stream(h, rec, found, with_logs)
         self._send(h, rec, answer[0], answer[1], headers=answer[2])
 
     def _send(
@@ -532,7 +527,11 @@ class FalEmulator:
             if rec.fault == "cut" and version >= 0:
                 raise _Dropped
             with self._lock:
-                self._wait(job, lambda: job.version != version, time.monotonic() + self.ping_interval)
+
+                def changed(seen: int = version) -> bool:
+                    return job.version != seen
+
+                self._wait(job, changed, time.monotonic() + self.ping_interval)
                 if job.version == version:
                     event = ": ping\n\n"
                 else:
@@ -556,11 +555,14 @@ class FalEmulator:
         payload, errors = self._validate(raw)
         if errors:
             return self._send(h, rec, 422, {"detail": errors})
-        done = lambda: job.status == "COMPLETED"  # noqa: E731
         with self._lock:
-            job = self._board.accept(
+            job: Job = self._board.accept(
                 app, payload, None, "stream" if stream else "sync", rec.headers.get("x-fal-request-timeout")
             )
+
+            def done() -> bool:
+                return job.status == "COMPLETED"
+
             plain = not (stream and isinstance(job.outcome, str))  # plain run, or a failing job
             self._wait(job, done if plain else lambda: job.started is not None)
             code, body, headers = self._result(job) if plain else (200, {}, {})
@@ -581,4 +583,3 @@ class FalEmulator:
         final = body if code == 200 else {**body, "status_code": code}
         self._chunk(h, f"data: {json.dumps(final)}\n\n")
         self._chunk(h, "")
-
