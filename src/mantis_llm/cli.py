@@ -1,5 +1,8 @@
 """``mantis-llm ask IMAGE [IMAGE ...] --prompt TEXT``: ask Mantis about images from a shell.
 
+``mantis-llm prepare-model SRC DST [--template vicuna|llama3] [--bare]``: write a model directory
+that vLLM, SGLang and ``transformers serve`` load with images intact (prints DST).
+
 Exit codes: 0 success; 2 usage, configuration or input errors (bad option, missing
 FAL_KEY, unreadable or unsupported image, rejected request, bad credentials); 1 backend
 failures (fal 5xx or job error, rate limit, timeout); 130 interrupted (Ctrl-C).
@@ -13,7 +16,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 from . import __version__
 from .backends import BACKEND_NAMES, DEFAULT_FAL_ENDPOINT, DEFAULT_LOCAL_MODEL, resolve_backend
@@ -62,6 +65,29 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-tokens", type=int, metavar="N", help="maximum number of tokens to generate")
     ask.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (0 = greedy)")
     ask.add_argument("-v", "--verbose", action="store_true", help="print fal queue updates to stderr")
+    prep = sub.add_parser(
+        "prepare-model",
+        help="prepare a checkpoint for vLLM, SGLang or transformers serve",
+        description=(
+            "Write DST: the checkpoint's weights and tokenizer linked (not copied), plus the processor config, "
+            "Mantis's chat template and the generation config (EOS ids) that OpenAI-compatible servers need "
+            "to keep the images. Prints DST."
+        ),
+    )
+    prep.add_argument(
+        "src", metavar="SRC", help="checkpoint directory, or a Hub id already in the local Hugging Face cache"
+    )
+    prep.add_argument("dst", metavar="DST", help="directory to write (new, empty, or an earlier prepare-model output)")
+    prep.add_argument(
+        "--template",
+        choices=("vicuna", "llama3"),
+        help="chat format: vicuna (Mantis-llava-7b, bakllava) or llama3 (Mantis-8B-*); default: from the tokenizer",
+    )
+    prep.add_argument(
+        "--bare",
+        action="store_true",
+        help="a plain <image> per image, for vLLM <= 0.24 serving MantisForConditionalGeneration (adds the wrapper)",
+    )
     return parser
 
 
@@ -76,7 +102,7 @@ def _load_images(sources: Sequence[str]) -> list[Image]:
         try:
             img = Image(src)
             if not img.is_remote:
-                img.data  # read local files now, so a typo fails before any network call
+                _ = img.data  # read local files now, so a typo fails before any network call
         except MantisError as exc:
             raise type(exc)(f"image {i}: {exc.message}") from None
         images.append(img)
@@ -87,7 +113,9 @@ class _Progress:
     """Prints each new queue status and log line to stderr."""
 
     def __init__(self, out: TextIO) -> None:
-        self.out, self.last, self.logs = out, None, set()
+        self.out = out
+        self.last: tuple[str, int | None] | None = None
+        self.logs: set[tuple[Any, Any]] = set()
 
     def __call__(self, update: Update) -> None:
         state = (update.status, update.queue_position)
@@ -142,6 +170,13 @@ def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_model(args: argparse.Namespace) -> int:
+    from .prepare import prepare_model  # stdlib only: no torch, no transformers
+
+    print(prepare_model(args.src, args.dst, template=args.template, bare=args.bare))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mantis-llm`` command; returns the exit code."""
     parser = build_parser()
@@ -150,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, usage errors (argparse printed them)
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        return _ask(args)
+        return _prepare_model(args) if args.command == "prepare-model" else _ask(args)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
