@@ -116,70 +116,59 @@ def test_entry_points_exit_2_without_key(entry, image_files):
 # --- against the fal emulator ----------------------------------------------------------
 
 
-@pytest.fixture
-def emu(monkeypatch):
-    from mantis_llm.emulator import FalEmulator
-
-    with FalEmulator(key=None, service_time=0.02) as emulator:
-        monkeypatch.setenv("FAL_KEY", "dummy-test-key")
-        monkeypatch.setenv("FAL_QUEUE_URL", emulator.url)
-        monkeypatch.setenv("FAL_RUN_URL", emulator.url + "/run")
-        yield emulator
-
-
-def expected_text(emu) -> str:
+def expected_text(fresh_emu) -> str:
     from mantis_llm.emulator import expected_output
 
-    return expected_output(emu.submissions[-1].payload)
+    return expected_output(fresh_emu.submissions[-1].payload)
 
 
 QUESTION = "What are the differences between these two images?"
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_ask_prints_the_answer(capsys, emu, image_files, stream):
+def test_ask_prints_the_answer(capsys, fresh_emu, image_files, stream):
     argv = ["ask", *map(str, image_files), "--prompt", QUESTION] + (["--stream"] if stream else [])
     code, out, err = run(capsys, *argv)
     assert code == 0, err
-    assert len(emu.submissions) == 1
-    payload = emu.submissions[0].payload
+    assert len(fresh_emu.submissions) == 1
+    payload = fresh_emu.submissions[0].payload
     assert payload["prompt"] == "<image> <image> " + QUESTION
     assert [i["image_url"][:22] for i in payload["images"]] == ["data:image/png;base64,", "data:image/jpeg;base64"]
-    assert out == expected_text(emu) + "\n"
+    assert out == expected_text(fresh_emu) + "\n"
     assert "2 images" in out
     assert err == ""  # stderr is not a tty and --verbose is off: no progress lines
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_ask_json(capsys, emu, image_files, stream):
+def test_ask_json(capsys, fresh_emu, image_files, stream):
     argv = ["ask", str(image_files[0]), "-p", "Describe.", "--json", "--max-tokens", "3", "--temperature", "0"]
     code, out, err = run(capsys, *argv + (["--stream"] if stream else []))
     assert code == 0, err
     data = json.loads(out)  # exactly one JSON object, even when streaming
     assert set(data) == {"text", "model", "finish_reason", "usage", "request_id"}
-    assert data["text"] == expected_text(emu) and len(data["text"].split()) == 3
+    assert data["text"] == expected_text(fresh_emu) and len(data["text"].split()) == 3
     assert data["model"] == "fal-ai/mantis-llava-7b-v11"
-    assert data["request_id"] == emu.submissions[0].request_id
-    payload = emu.submissions[0].payload
+    assert data["request_id"] == fresh_emu.submissions[0].request_id
+    payload = fresh_emu.submissions[0].payload
     assert payload["max_tokens"] == 3 and payload["temperature"] == 0
 
 
-def test_ask_verbose_prints_queue_updates(capsys, emu, image_files):
+def test_ask_verbose_prints_queue_updates(capsys, fresh_emu, image_files):
     code, out, err = run(capsys, "ask", str(image_files[0]), "-p", "hi", "--verbose")
     assert code == 0
     assert "[completed]" in err or "[in_progress]" in err
-    assert out.strip() == expected_text(emu)
+    assert out.strip() == expected_text(fresh_emu)
 
 
-def test_ask_remote_url_passed_through(capsys, emu):
+def test_ask_remote_url_passed_through(capsys, fresh_emu):
     url = "https://example.com/cat.png?sig=1"
     code, out, err = run(capsys, "ask", url, "-p", "hi")
     # the emulator cannot fetch the internet; what matters is that the URL went to fal untouched
-    assert emu.submissions and emu.submissions[0].payload["images"] == [{"image_url": url}]
+    assert fresh_emu.submissions and fresh_emu.submissions[0].payload["images"] == [{"image_url": url}]
 
 
-def test_ask_backend_failure_exits_1(capsys, emu, image_files):
-    emu.faults = {"job_error": 1.0}
+def test_ask_backend_failure_exits_1(capsys, fresh_emu, image_files):
+    fresh_emu.faults = {"job_error": 1.0}
     code, out, err = run(capsys, "ask", str(image_files[0]), "-p", "hi")
     assert code == 1 and out == ""
     assert one_line(err).startswith("error: ") and "dummy-test-key" not in err
@@ -235,16 +224,13 @@ def test_ctrl_c_exits_130_without_traceback(image_files):
 # --- against a tiny random-weight local model --------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    pytest.importorskip("torch")
-    pytest.importorskip("mantis_llm.backends.local", reason="the local backend has not landed yet")
-    from mantis_llm.testing import build_tiny_mantis
-
-    return str(build_tiny_mantis(tmp_path_factory.mktemp("tiny") / "mantis"))
+@pytest.fixture
+def tiny_model_dir(tiny_model) -> str:
+    """The shared tiny model's directory, as the str the command line gets."""
+    return str(tiny_model)
 
 
-def test_ask_local_backend(capsys, tiny_model, image_files):
+def test_ask_local_backend(capsys, tiny_model_dir, image_files):
     base = [
         "ask",
         *map(str, image_files),
@@ -253,7 +239,7 @@ def test_ask_local_backend(capsys, tiny_model, image_files):
         "--backend",
         "local",
         "--model",
-        tiny_model,
+        tiny_model_dir,
         "--max-tokens",
         "6",
         "--temperature",
@@ -262,7 +248,7 @@ def test_ask_local_backend(capsys, tiny_model, image_files):
     code, out, err = run(capsys, *base, "--json")
     assert code == 0, err
     data = json.loads(out)
-    assert data["model"] == tiny_model and data["finish_reason"] in ("stop", "length")
+    assert data["model"] == tiny_model_dir and data["finish_reason"] in ("stop", "length")
     assert 1 <= data["usage"]["output_tokens"] <= 6 and data["usage"]["input_tokens"] > 2 * 16
     code, streamed, err = run(capsys, *base, "--stream")
     assert code == 0, err

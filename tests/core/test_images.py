@@ -388,15 +388,15 @@ def test_labeled_images_follow_prompt_order_with_system_images(png_bytes):
 # --- fetching from a real local server ------------------------------------------------
 
 
-def test_fetch_image(http_server):
-    base, _ = http_server
+def test_fetch_image(other_host):
+    base = other_host.url
     data = fetch(base + "/img.png")
     assert sniff_mime(data) == "image/png"
     assert fetch(base + "/octet") == data  # octet-stream is accepted, magic bytes decide
 
 
-def test_fetch_follows_redirect_and_limits_redirects(http_server):
-    base, _ = http_server
+def test_fetch_follows_redirect_and_limits_redirects(other_host):
+    base = other_host.url
     assert sniff_mime(fetch(base + "/redirect")) == "image/png"
     with pytest.raises(ImageError, match=r"could not fetch http://127\.0\.0\.1:\d+/loop: more than 3 redirects"):
         fetch(base + "/loop")
@@ -406,24 +406,24 @@ def test_fetch_follows_redirect_and_limits_redirects(http_server):
         fetch(base + "/to-file")
 
 
-def test_fetch_rejects_html_and_fake_images(http_server):
-    base, _ = http_server
+def test_fetch_rejects_html_and_fake_images(other_host):
+    base = other_host.url
     with pytest.raises(ImageError, match=r"page\.html: the server sent text/html, not an image"):
         fetch(base + "/page.html")
     with pytest.raises(ImageError, match=r"fake\.png: unsupported image data: got an HTML page"):
         fetch(base + "/fake.png")
 
 
-def test_fetch_status_error_strips_query(http_server):
-    base, _ = http_server
+def test_fetch_status_error_strips_query(other_host):
+    base = other_host.url
     with pytest.raises(ImageError) as info:
         fetch(base + "/missing.png?token=SECRET123#frag")
     msg = str(info.value)
     assert msg.endswith("/missing.png: HTTP 404") and "SECRET123" not in msg
 
 
-def test_fetch_aborts_huge_bodies_early(http_server):
-    base, handler = http_server
+def test_fetch_aborts_huge_bodies_early(other_host):
+    base, handler = other_host.url, other_host
     opts = ImageOptions(max_bytes=100_000)
     with pytest.raises(ImageError, match=r"/declared-huge: the image is 1,000,000,000 bytes, more than"):
         fetch(base + "/declared-huge", opts)
@@ -438,8 +438,8 @@ def test_fetch_aborts_huge_bodies_early(http_server):
     assert handler.sent["/huge"] < 40 * 2**20
 
 
-def test_fetch_timeouts(http_server):
-    base, _ = http_server
+def test_fetch_timeouts(other_host):
+    base = other_host.url
     start = time.perf_counter()
     with pytest.raises(ImageError, match=r"/slow: timed out after 0\.3 s"):
         fetch(base + "/slow", ImageOptions(fetch_timeout=0.3))
@@ -457,18 +457,18 @@ def test_fetch_connection_refused_and_bad_scheme():
         fetch("file:///etc/passwd")
 
 
-def test_caller_client_used_not_closed_and_no_authorization(http_server):
-    base, handler = http_server
+def test_caller_client_used_not_closed_and_no_authorization(other_host):
+    base, handler = other_host.url, other_host
     with httpx.Client(headers={"Authorization": "Key SECRET"}) as client:
         fetch(base + "/img.png?auth-check", client=client)
         assert not client.is_closed
         fetch(base + "/img.png", client=client)
-    seen = [h for h in handler.seen if h["path"] == "/img.png?auth-check"]
+    seen = [h.headers for h in handler.seen if h.path == "/img.png?auth-check"]
     assert seen and "authorization" not in seen[-1]
 
 
-def test_load_pil_and_encode_fetch_remote(http_server):
-    base, _ = http_server
+def test_load_pil_and_encode_fetch_remote(other_host):
+    base = other_host.url
     img = load_pil(base + "/img.png", label=LABEL)
     assert img.size == (64, 48) and img.mode == "RGB"
     enc = encode_for_fal(base + "/img.png", ImageOptions(fetch_remote=True))
@@ -477,8 +477,8 @@ def test_load_pil_and_encode_fetch_remote(http_server):
         encode_for_fal(base + "/page.html", ImageOptions(fetch_remote=True), label=LABEL)
 
 
-async def test_async_fetch_paths(http_server):
-    base, _ = http_server
+async def test_async_fetch_paths(other_host):
+    base = other_host.url
     assert sniff_mime(await afetch(base + "/redirect")) == "image/png"
     img = await aload_pil(base + "/img.png")
     assert img.size == (64, 48)

@@ -30,18 +30,18 @@ URL_NAMES = ("queue_url", "run_url", "rest_url", "cdn_url")
 
 
 @pytest.fixture
-def emu(request):
-    """An emulator; ``@pytest.mark.parametrize("emu", [seconds], indirect=True)`` sets the service time."""
+def raw_emu(request):
+    """An emulator with no environment pointed at it; ``@pytest.mark.parametrize("raw_emu", [seconds], indirect=True)`` sets the service time."""
     with FalEmulator(service_time=getattr(request, "param", 0.05)) as e:
         yield e
 
 
-slow_jobs = pytest.mark.parametrize("emu", [0.3], indirect=True)  # room to observe a job mid-way
+slow_jobs = pytest.mark.parametrize("raw_emu", [0.3], indirect=True)  # room to observe a job mid-way
 
 
 @pytest.fixture
-def client(emu):
-    with httpx.Client(headers={"Authorization": f"Key {emu.key}"}, timeout=10) as c:
+def client(raw_emu):
+    with httpx.Client(headers={"Authorization": f"Key {raw_emu.key}"}, timeout=10) as c:
         yield c
 
 
@@ -76,12 +76,12 @@ def wait_done(client, sub) -> dict:
 
 
 @slow_jobs
-def test_submit_status_result(emu, client, payload):
-    r = client.post(f"{emu.url}/{APP}", json=payload)
+def test_submit_status_result(raw_emu, client, payload):
+    r = client.post(f"{raw_emu.url}/{APP}", json=payload)
     assert r.status_code == 200
     sub = r.json()
     rid = sub["request_id"]
-    base = f"{emu.url}/{APP}/requests/{rid}"
+    base = f"{raw_emu.url}/{APP}/requests/{rid}"
     assert sub["status"] == "IN_QUEUE" and sub["queue_position"] == 0
     assert (sub["response_url"], sub["status_url"], sub["cancel_url"]) == (base, base + "/status", base + "/cancel")
     assert r.headers["x-fal-request-id"] == rid
@@ -119,8 +119,8 @@ def test_digest_tells_requests_apart(payload):
 
 
 @slow_jobs
-def test_status_stream_sse(emu, client, payload):
-    sub = client.post(f"{emu.url}/{APP}", json=payload).json()
+def test_status_stream_sse(raw_emu, client, payload):
+    sub = client.post(f"{raw_emu.url}/{APP}", json=payload).json()
     with client.stream("GET", sub["status_url"] + "/stream", params={"logs": 1}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         r.read()
@@ -135,31 +135,35 @@ def test_status_stream_sse(emu, client, payload):
     assert [e["status"] for e in sse_events(again)] == ["COMPLETED"] and again.json is not None
 
 
-def test_settings_change_while_running(emu, client, payload):
-    emu.service_time = 0.2
-    sub = client.post(f"{emu.url}/{APP}", json=payload).json()
-    assert emu.job_status(sub["request_id"]) == "IN_PROGRESS" and emu.job_status("nope") is None
+def test_settings_change_while_running(raw_emu, client, payload):
+    raw_emu.service_time = 0.2
+    sub = client.post(f"{raw_emu.url}/{APP}", json=payload).json()
+    assert raw_emu.job_status(sub["request_id"]) == "IN_PROGRESS" and raw_emu.job_status("nope") is None
     assert wait_done(client, sub)["metrics"]["inference_time"] >= 0.2
-    assert emu.job_status(sub["request_id"]) == "COMPLETED"
-    emu.key = "new:key"
-    assert client.post(f"{emu.run_url}/{APP}", json=payload).status_code == 401
+    assert raw_emu.job_status(sub["request_id"]) == "COMPLETED"
+    raw_emu.key = "new:key"
+    assert client.post(f"{raw_emu.run_url}/{APP}", json=payload).status_code == 401
 
 
 def test_queue_positions_with_concurrency_limit(client, payload):
-    with FalEmulator(service_time=0.15, concurrency=1) as emu:
-        url = f"{emu.url}/{APP}"
-        subs = [client.post(url, json=payload, headers={"Authorization": f"Key {emu.key}"}).json() for _ in range(3)]
+    with FalEmulator(service_time=0.15, concurrency=1) as raw_emu:
+        url = f"{raw_emu.url}/{APP}"
+        subs = [
+            client.post(url, json=payload, headers={"Authorization": f"Key {raw_emu.key}"}).json() for _ in range(3)
+        ]
         assert [s["queue_position"] for s in subs] == [0, 0, 1]
-        st = client.get(subs[2]["status_url"], headers={"Authorization": f"Key {emu.key}"})
+        st = client.get(subs[2]["status_url"], headers={"Authorization": f"Key {raw_emu.key}"})
         assert st.status_code == 202 and st.json()["status"] == "IN_QUEUE" and st.json()["queue_position"] == 1
-        with client.stream("GET", subs[2]["status_url"] + "/stream", headers={"Authorization": f"Key {emu.key}"}) as r:
+        with client.stream(
+            "GET", subs[2]["status_url"] + "/stream", headers={"Authorization": f"Key {raw_emu.key}"}
+        ) as r:
             r.read()
         seen = [(e["status"], e.get("queue_position")) for e in sse_events(r)]
         assert seen[0] == ("IN_QUEUE", 1) and ("IN_QUEUE", 0) in seen and seen[-1][0] == "COMPLETED"
         assert seen.index(("IN_QUEUE", 0)) < [s for s, _ in seen].index("IN_PROGRESS")
 
 
-def test_validation_error_surfaces_at_result(emu, client, payload):
+def test_validation_error_surfaces_at_result(raw_emu, client, payload):
     bad = {
         **payload,
         "images": [{"image_url": "data:image/png;base64,@@@"}, {"image_url": "ftp://x/y.png"}],
@@ -168,7 +172,7 @@ def test_validation_error_surfaces_at_result(emu, client, payload):
         "top_p": 0,
         "extra_field": "ignored",
     }
-    r = client.post(f"{emu.url}/{APP}", json=bad)
+    r = client.post(f"{raw_emu.url}/{APP}", json=bad)
     assert r.status_code == 200  # accepted, like fal
     done = wait_done(client, r.json())
     assert done["status"] == "COMPLETED" and done["error_type"] == "validation_error"
@@ -208,20 +212,20 @@ def test_validation_error_surfaces_at_result(emu, client, payload):
         ([1, 2], ["body"], "dict_type"),
     ],
 )
-def test_sync_validation_422(emu, client, body, loc, type_):
-    r = client.post(f"{emu.run_url}/{APP}", json=body)
+def test_sync_validation_422(raw_emu, client, body, loc, type_):
+    r = client.post(f"{raw_emu.run_url}/{APP}", json=body)
     assert r.status_code == 422
     assert [(d["loc"], d["type"]) for d in r.json()["detail"]] == [(loc, type_)]
-    assert emu.submissions == []  # a direct 422 creates no job
+    assert raw_emu.submissions == []  # a direct 422 creates no job
 
 
-def test_invalid_json_is_422(emu, client):
-    r = client.post(f"{emu.run_url}/{APP}", content=b"{nope", headers={"Content-Type": "application/json"})
+def test_invalid_json_is_422(raw_emu, client):
+    r = client.post(f"{raw_emu.run_url}/{APP}", content=b"{nope", headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"
 
 
-def test_max_tokens_truncates_words(emu, client, payload):
-    r = client.post(f"{emu.run_url}/{APP}", json={**payload, "max_tokens": 3})
+def test_max_tokens_truncates_words(raw_emu, client, payload):
+    r = client.post(f"{raw_emu.run_url}/{APP}", json={**payload, "max_tokens": 3})
     assert r.json()["output"] == "[mantis-emulator] 2 images;"
     assert r.json()["output"] == expected_output({**payload, "max_tokens": 3})
 
@@ -230,9 +234,9 @@ def test_max_tokens_truncates_words(emu, client, payload):
 
 
 def test_cancel_running_then_completed_and_unknown(client, payload):
-    with FalEmulator(hang=True) as emu:
-        h = {"Authorization": f"Key {emu.key}"}
-        sub = client.post(f"{emu.url}/{APP}", json=payload, headers=h).json()
+    with FalEmulator(hang=True) as raw_emu:
+        h = {"Authorization": f"Key {raw_emu.key}"}
+        sub = client.post(f"{raw_emu.url}/{APP}", json=payload, headers=h).json()
         assert client.get(sub["status_url"], headers=h).json()["status"] == "IN_PROGRESS"
         r = client.put(sub["cancel_url"], headers=h)
         assert r.status_code == 202 and r.json() == {"status": "CANCELLATION_REQUESTED"}
@@ -242,15 +246,15 @@ def test_cancel_running_then_completed_and_unknown(client, payload):
         assert res.status_code == 499 and res.json()["detail"] == "Request cancelled"
         again = client.put(sub["cancel_url"], headers=h)
         assert again.status_code == 400 and again.json() == {"status": "ALREADY_COMPLETED"}
-        missing = client.put(f"{emu.url}/{APP}/requests/nope/cancel", headers=h)
+        missing = client.put(f"{raw_emu.url}/{APP}/requests/nope/cancel", headers=h)
         assert missing.status_code == 404 and missing.json() == {"status": "NOT_FOUND"}
-        assert emu.cancelled == [sub["request_id"], sub["request_id"]]
+        assert raw_emu.cancelled == [sub["request_id"], sub["request_id"]]
 
 
 def test_cancel_queued_job_frees_its_place(client, payload):
-    with FalEmulator(service_time=5, concurrency=1) as emu:
-        h = {"Authorization": f"Key {emu.key}"}
-        first, second, third = (client.post(f"{emu.url}/{APP}", json=payload, headers=h).json() for _ in range(3))
+    with FalEmulator(service_time=5, concurrency=1) as raw_emu:
+        h = {"Authorization": f"Key {raw_emu.key}"}
+        first, second, third = (client.post(f"{raw_emu.url}/{APP}", json=payload, headers=h).json() for _ in range(3))
         assert client.get(third["status_url"], headers=h).json()["queue_position"] == 1
         assert client.put(second["cancel_url"], headers=h).status_code == 202
         assert client.get(second["response_url"], headers=h).status_code == 499
@@ -260,10 +264,10 @@ def test_cancel_queued_job_frees_its_place(client, payload):
 
 
 def test_start_timeout_header(client, payload):
-    with FalEmulator(service_time=5, concurrency=1) as emu:
-        h = {"Authorization": f"Key {emu.key}"}
-        client.post(f"{emu.url}/{APP}", json=payload, headers=h)  # occupies the only slot
-        sub = client.post(f"{emu.url}/{APP}", json=payload, headers={**h, "X-Fal-Request-Timeout": "0.1"}).json()
+    with FalEmulator(service_time=5, concurrency=1) as raw_emu:
+        h = {"Authorization": f"Key {raw_emu.key}"}
+        client.post(f"{raw_emu.url}/{APP}", json=payload, headers=h)  # occupies the only slot
+        sub = client.post(f"{raw_emu.url}/{APP}", json=payload, headers={**h, "X-Fal-Request-Timeout": "0.1"}).json()
         with client.stream("GET", sub["status_url"] + "/stream", headers=h) as r:
             r.read()
         assert sse_events(r)[-1]["error_type"] == "request_timeout"
@@ -274,17 +278,17 @@ def test_start_timeout_header(client, payload):
 # ------------------------------------------------------------------ sync endpoints
 
 
-def test_sync_run(emu, client, payload):
+def test_sync_run(raw_emu, client, payload):
     t0 = time.perf_counter()
-    r = client.post(f"{emu.run_url}/{APP}", json=payload)
+    r = client.post(f"{raw_emu.run_url}/{APP}", json=payload)
     assert time.perf_counter() - t0 >= 0.05
     assert r.status_code == 200 and r.json() == {"output": expected_output(payload), "partial": False}
-    assert [s.mode for s in emu.submissions] == ["sync"]
-    assert r.headers["x-fal-request-id"] == emu.submissions[0].request_id
+    assert [s.mode for s in raw_emu.submissions] == ["sync"]
+    assert r.headers["x-fal-request-id"] == raw_emu.submissions[0].request_id
 
 
-def test_sync_stream_partial_events(emu, client, payload):
-    with client.stream("POST", f"{emu.run_url}/{APP}/stream", json=payload) as r:
+def test_sync_stream_partial_events(raw_emu, client, payload):
+    with client.stream("POST", f"{raw_emu.run_url}/{APP}/stream", json=payload) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         r.read()
     events = sse_events(r)
@@ -295,9 +299,9 @@ def test_sync_stream_partial_events(emu, client, payload):
     assert all(full.startswith(o) and len(o) < len(n) for o, n in zip(outputs, outputs[1:]))  # cumulative
 
 
-def test_sync_job_error(emu, client, payload):
-    emu.script([JobError(503, "Runner disconnected", "runner_disconnected")])
-    r = client.post(f"{emu.run_url}/{APP}", json=payload)
+def test_sync_job_error(raw_emu, client, payload):
+    raw_emu.script([JobError(503, "Runner disconnected", "runner_disconnected")])
+    r = client.post(f"{raw_emu.run_url}/{APP}", json=payload)
     assert r.status_code == 503 and r.json() == {"detail": "Runner disconnected", "error_type": "runner_disconnected"}
     assert "x-fal-request-id" in r.headers  # from fal itself, not ingress
 
@@ -314,35 +318,35 @@ def test_sync_job_error(emu, client, payload):
         (f"Key {FORBIDDEN_KEY}", 403),
     ],
 )
-def test_auth(emu, payload, header, status):
+def test_auth(raw_emu, payload, header, status):
     headers = {"Authorization": header} if header else {}
     for method, url in (
-        ("POST", f"{emu.url}/{APP}"),
-        ("POST", f"{emu.run_url}/{APP}"),
-        ("GET", f"{emu.url}/{APP}/requests/x/status"),
+        ("POST", f"{raw_emu.url}/{APP}"),
+        ("POST", f"{raw_emu.run_url}/{APP}"),
+        ("GET", f"{raw_emu.url}/{APP}/requests/x/status"),
     ):
         r = httpx.request(method, url, json=payload, headers=headers)
         assert r.status_code == status and "detail" in r.json()
-    assert emu.submissions == []
+    assert raw_emu.submissions == []
 
 
 def test_any_key_mode(payload):
-    with FalEmulator(key=None) as emu:
+    with FalEmulator(key=None) as raw_emu:
         assert (
-            httpx.post(f"{emu.run_url}/{APP}", json=payload, headers={"Authorization": "Key anything"}).status_code
+            httpx.post(f"{raw_emu.run_url}/{APP}", json=payload, headers={"Authorization": "Key anything"}).status_code
             == 200
         )
-        assert httpx.post(f"{emu.run_url}/{APP}", json=payload, headers={"Authorization": "Key"}).status_code == 401
-        assert emu.env()["FAL_KEY"]
+        assert httpx.post(f"{raw_emu.run_url}/{APP}", json=payload, headers={"Authorization": "Key"}).status_code == 401
+        assert raw_emu.env()["FAL_KEY"]
 
 
-def test_unknown_app_request_and_route(emu, client, payload):
-    r = client.post(f"{emu.url}/fal-ai/nope", json=payload)
+def test_unknown_app_request_and_route(raw_emu, client, payload):
+    r = client.post(f"{raw_emu.url}/fal-ai/nope", json=payload)
     assert r.status_code == 404 and r.json() == {"detail": "Application 'fal-ai/nope' not found"}
-    assert client.post(f"{emu.run_url}/fal-ai/nope", json=payload).status_code == 404
-    r = client.get(f"{emu.url}/{APP}/requests/does-not-exist/status")
+    assert client.post(f"{raw_emu.run_url}/fal-ai/nope", json=payload).status_code == 404
+    r = client.get(f"{raw_emu.url}/{APP}/requests/does-not-exist/status")
     assert r.status_code == 404 and "not found" in r.json()["detail"]
-    assert client.get(f"{emu.url}/a/b/c/d/e/f").status_code == 404
+    assert client.get(f"{raw_emu.url}/a/b/c/d/e/f").status_code == 404
     with FalEmulator(apps=None) as any_app:
         r = client.post(f"{any_app.run_url}/me/my-app", json=payload, headers={"Authorization": f"Key {any_app.key}"})
         assert r.status_code == 200
@@ -351,12 +355,12 @@ def test_unknown_app_request_and_route(emu, client, payload):
 # ------------------------------------------------------------------ storage
 
 
-def test_storage_upload_flow(emu, client, png_bytes):
-    assert httpx.post(f"{emu.rest_url}/storage/auth/token", json={}).status_code == 401
-    tok = client.post(f"{emu.rest_url}/storage/auth/token", params={"storage_type": "fal-cdn-v3"}, json={})
+def test_storage_upload_flow(raw_emu, client, png_bytes):
+    assert httpx.post(f"{raw_emu.rest_url}/storage/auth/token", json={}).status_code == 401
+    tok = client.post(f"{raw_emu.rest_url}/storage/auth/token", params={"storage_type": "fal-cdn-v3"}, json={})
     assert tok.status_code == 200
     token = tok.json()
-    assert token["token_type"] == "Bearer" and token["base_url"] == emu.cdn_url
+    assert token["token_type"] == "Bearer" and token["base_url"] == raw_emu.cdn_url
     from datetime import datetime, timezone
 
     assert datetime.fromisoformat(token["expires_at"]) > datetime.now(timezone.utc)  # what fal-client parses
@@ -368,53 +372,57 @@ def test_storage_upload_flow(emu, client, png_bytes):
     r = httpx.post(f"{token['base_url']}/files/upload", content=png_bytes, headers=headers)
     assert r.status_code == 200
     url = r.json()["access_url"]
-    assert url.startswith(emu.cdn_url + "/files/") and url.endswith("/red.png") and emu.uploads == [url]
+    assert url.startswith(raw_emu.cdn_url + "/files/") and url.endswith("/red.png") and raw_emu.uploads == [url]
     got = httpx.get(url)  # public, no auth
     assert got.content == png_bytes and got.headers["content-type"] == "image/png"
-    bad = httpx.post(f"{emu.cdn_url}/files/upload", content=b"x", headers={"Authorization": f"Key {emu.key}"})
+    bad = httpx.post(f"{raw_emu.cdn_url}/files/upload", content=b"x", headers={"Authorization": f"Key {raw_emu.key}"})
     assert bad.status_code == 401
-    assert httpx.get(emu.cdn_url + "/files/nope/x.png").status_code == 404
+    assert httpx.get(raw_emu.cdn_url + "/files/nope/x.png").status_code == 404
     # an uploaded URL is a valid image input; a missing or non-image CDN file is not
-    ok = client.post(f"{emu.run_url}/{APP}", json={"prompt": "p", "images": [{"image_url": url}]})
+    ok = client.post(f"{raw_emu.run_url}/{APP}", json={"prompt": "p", "images": [{"image_url": url}]})
     assert ok.status_code == 200 and "digest=" + FalEmulator.digest("p", [url]) in ok.json()["output"]
-    junk = httpx.post(f"{emu.cdn_url}/files/upload", content=b"not an image", headers=headers).json()["access_url"]
+    junk = httpx.post(f"{raw_emu.cdn_url}/files/upload", content=b"not an image", headers=headers).json()["access_url"]
     for u, t in ((url + "x", "file_download_error"), (junk, "image_load_error")):
-        r = client.post(f"{emu.run_url}/{APP}", json={"prompt": "p", "images": [{"image_url": u}]})
+        r = client.post(f"{raw_emu.run_url}/{APP}", json={"prompt": "p", "images": [{"image_url": u}]})
         assert r.status_code == 422 and r.json()["detail"][0]["type"] == t
 
 
 # ------------------------------------------------------------------ script
 
 
-def test_script_answers_in_order_then_fake_model(emu, client, payload):
-    emu.script(["first answer", JobError(), "third"])
+def test_script_answers_in_order_then_fake_model(raw_emu, client, payload):
+    raw_emu.script(["first answer", JobError(), "third"])
     outs = []
     for _ in range(4):
-        r = client.post(f"{emu.run_url}/{APP}", json=payload)
+        r = client.post(f"{raw_emu.run_url}/{APP}", json=payload)
         outs.append((r.status_code, r.json().get("output")))
     assert outs == [(200, "first answer"), (500, None), (200, "third"), (200, expected_output(payload))]
 
 
-def test_invalid_input_does_not_consume_script(emu, client, payload):
-    emu.script(["only answer"])
-    assert client.post(f"{emu.run_url}/{APP}", json={"prompt": "x"}).status_code == 422
-    assert client.post(f"{emu.run_url}/{APP}", json=payload).json()["output"] == "only answer"
+def test_invalid_input_does_not_consume_script(raw_emu, client, payload):
+    raw_emu.script(["only answer"])
+    assert client.post(f"{raw_emu.run_url}/{APP}", json={"prompt": "x"}).status_code == 422
+    assert client.post(f"{raw_emu.run_url}/{APP}", json=payload).json()["output"] == "only answer"
 
 
-def test_script_callable_and_hang(emu, client, payload):
-    emu.script(lambda p: HANG if p["prompt"] == "hang" else (None if p["prompt"] == "model" else p["prompt"].upper()))
-    assert client.post(f"{emu.run_url}/{APP}", json={**payload, "prompt": "abc"}).json()["output"] == "ABC"
-    assert (
-        client.post(f"{emu.run_url}/{APP}", json={**payload, "prompt": "model"}).json()["output"].startswith("[mantis")
+def test_script_callable_and_hang(raw_emu, client, payload):
+    raw_emu.script(
+        lambda p: HANG if p["prompt"] == "hang" else (None if p["prompt"] == "model" else p["prompt"].upper())
     )
-    sub = client.post(f"{emu.url}/{APP}", json={**payload, "prompt": "hang"}).json()
+    assert client.post(f"{raw_emu.run_url}/{APP}", json={**payload, "prompt": "abc"}).json()["output"] == "ABC"
+    assert (
+        client.post(f"{raw_emu.run_url}/{APP}", json={**payload, "prompt": "model"})
+        .json()["output"]
+        .startswith("[mantis")
+    )
+    sub = client.post(f"{raw_emu.url}/{APP}", json={**payload, "prompt": "hang"}).json()
     time.sleep(0.1)  # two service times: a normal job would be done
     assert client.get(sub["status_url"]).json()["status"] == "IN_PROGRESS"
 
 
-def test_job_error_on_queue_path(emu, client, payload):
-    emu.faults = Faults(job_error=1.0)
-    sub = client.post(f"{emu.url}/{APP}", json=payload).json()
+def test_job_error_on_queue_path(raw_emu, client, payload):
+    raw_emu.faults = Faults(job_error=1.0)
+    sub = client.post(f"{raw_emu.url}/{APP}", json=payload).json()
     done = wait_done(client, sub)
     assert done["error"] == "Internal Server Error" and done["error_type"] == "runner_server_error"
     res = client.get(sub["response_url"])
@@ -424,75 +432,75 @@ def test_job_error_on_queue_path(emu, client, payload):
 # ------------------------------------------------------------------ faults
 
 
-def test_ingress_503_429_500_shapes(emu, client, payload):
-    emu.inject("503", route="submit")
-    r = client.post(f"{emu.url}/{APP}", json=payload)
+def test_ingress_503_429_500_shapes(raw_emu, client, payload):
+    raw_emu.inject("503", route="submit")
+    r = client.post(f"{raw_emu.url}/{APP}", json=payload)
     assert r.status_code == 503 and "nginx" in r.text and "x-fal-request-id" not in r.headers
-    emu.faults = Faults(retry_after=2)
-    emu.inject("429")
-    r = client.post(f"{emu.url}/{APP}", json=payload)
+    raw_emu.faults = Faults(retry_after=2)
+    raw_emu.inject("429")
+    r = client.post(f"{raw_emu.url}/{APP}", json=payload)
     assert r.status_code == 429 and r.headers["retry-after"] == "2"
-    emu.inject("500", route="status")
-    sub = client.post(f"{emu.url}/{APP}", json=payload).json()
+    raw_emu.inject("500", route="status")
+    sub = client.post(f"{raw_emu.url}/{APP}", json=payload).json()
     r = client.get(sub["status_url"])
     assert r.status_code == 500 and "x-fal-request-id" in r.headers
     assert client.get(sub["status_url"]).status_code in (200, 202)  # one-shot: used up
-    assert len(emu.submissions) == 1  # faulted submits created no job
-    assert [q.fault for q in emu.requests] == ["503", "429", None, "500", None]
-    assert [q.status for q in emu.requests][:2] == [503, 429]
+    assert len(raw_emu.submissions) == 1  # faulted submits created no job
+    assert [q.fault for q in raw_emu.requests] == ["503", "429", None, "500", None]
+    assert [q.status for q in raw_emu.requests][:2] == [503, 429]
 
 
 @pytest.mark.parametrize("route", ["status", "stream", "result", "cancel"])
 @pytest.mark.parametrize("kind", ["500", "429"])
-def test_injected_errors_on_a_job_route_carry_that_jobs_id(emu, client, payload, route, kind):
-    sub = client.post(f"{emu.url}/{APP}", json=payload).json()
+def test_injected_errors_on_a_job_route_carry_that_jobs_id(raw_emu, client, payload, route, kind):
+    sub = client.post(f"{raw_emu.url}/{APP}", json=payload).json()
     url = {
         "status": sub["status_url"],
         "stream": sub["status_url"] + "/stream",
         "result": sub["response_url"],
         "cancel": sub["cancel_url"],
     }[route]
-    emu.inject(kind, route=route)
+    raw_emu.inject(kind, route=route)
     r = client.request("PUT" if route == "cancel" else "GET", url)
     assert r.status_code == int(kind) and r.headers["x-fal-request-id"] == sub["request_id"]
-    emu.inject("503", route=route)  # ingress: never names a job
+    raw_emu.inject("503", route=route)  # ingress: never names a job
     assert "x-fal-request-id" not in client.request("PUT" if route == "cancel" else "GET", url).headers
 
 
-def test_injected_500_reaches_the_caller_with_the_jobs_id(emu):
+def test_injected_500_reaches_the_caller_with_the_jobs_id(raw_emu):
     from mantis_llm import Conversation, FalBackend, Request
 
-    emu.inject("500", count=10, route="result")
-    with FalBackend(api_key=emu.key, max_retries=1, **{n: getattr(emu, n) for n in URL_NAMES}) as b:
+    raw_emu.inject("500", count=10, route="result")
+    with FalBackend(api_key=raw_emu.key, max_retries=1, **{n: getattr(raw_emu, n) for n in URL_NAMES}) as b:
         with pytest.raises(errors.BackendError) as ei:
             b.generate(Request(Conversation.from_prompt("hi", ["https://example.com/a.png"])))
-    assert ei.value.status_code == 500 and ei.value.request_id == emu.submissions[0].request_id
+    assert ei.value.status_code == 500 and ei.value.request_id == raw_emu.submissions[0].request_id
 
 
-def test_dropped_connection_and_drop_after_accept(emu, client, payload):
-    emu.inject("drop", route="submit")
+def test_dropped_connection_and_drop_after_accept(raw_emu, client, payload):
+    raw_emu.inject("drop", route="submit")
     with pytest.raises(httpx.RemoteProtocolError):
-        client.post(f"{emu.url}/{APP}", json=payload)
-    assert emu.submissions == [] and emu.requests[-1].status is None
-    emu.inject("drop_after_accept")
+        client.post(f"{raw_emu.url}/{APP}", json=payload)
+    assert raw_emu.submissions == [] and raw_emu.requests[-1].status is None
+    raw_emu.inject("drop_after_accept")
     with pytest.raises(httpx.RemoteProtocolError):
-        client.post(f"{emu.url}/{APP}", json=payload)
-    assert len(emu.submissions) == 1  # the job exists although the client never heard of it
-    assert client.post(f"{emu.url}/{APP}", json=payload).status_code == 200  # connection pool recovers
+        client.post(f"{raw_emu.url}/{APP}", json=payload)
+    assert len(raw_emu.submissions) == 1  # the job exists although the client never heard of it
+    assert client.post(f"{raw_emu.url}/{APP}", json=payload).status_code == 200  # connection pool recovers
 
 
-def test_cut_sse_streams(emu, client, payload):
-    emu.inject("cut", route="stream")
-    sub = client.post(f"{emu.url}/{APP}", json=payload).json()
+def test_cut_sse_streams(raw_emu, client, payload):
+    raw_emu.inject("cut", route="stream")
+    sub = client.post(f"{raw_emu.url}/{APP}", json=payload).json()
     with pytest.raises(httpx.RemoteProtocolError), client.stream("GET", sub["status_url"] + "/stream") as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
         list(lines)
-    assert emu.requests[-1].fault == "cut"
-    emu.faults = Faults(cut=1.0)
+    assert raw_emu.requests[-1].fault == "cut"
+    raw_emu.faults = Faults(cut=1.0)
     with (
         pytest.raises(httpx.RemoteProtocolError),
-        client.stream("POST", f"{emu.run_url}/{APP}/stream", json=payload) as r,
+        client.stream("POST", f"{raw_emu.run_url}/{APP}/stream", json=payload) as r,
     ):
         lines = r.iter_lines()
         assert json.loads(next(lines)[len("data: ") :])["partial"] is True
@@ -500,9 +508,9 @@ def test_cut_sse_streams(emu, client, payload):
     assert client.get(sub["status_url"]).status_code in (200, 202)  # other routes unaffected
 
 
-def test_slow_first_byte(emu, client, payload):
-    emu.faults = Faults(slow=1.0, slow_delay=0.2, routes=frozenset({"status"}))
-    sub = client.post(f"{emu.url}/{APP}", json=payload).json()
+def test_slow_first_byte(raw_emu, client, payload):
+    raw_emu.faults = Faults(slow=1.0, slow_delay=0.2, routes=frozenset({"status"}))
+    sub = client.post(f"{raw_emu.url}/{APP}", json=payload).json()
     t0 = time.perf_counter()
     client.get(sub["status_url"])
     assert time.perf_counter() - t0 >= 0.2
@@ -511,9 +519,9 @@ def test_slow_first_byte(emu, client, payload):
 
 
 def _fault_pattern(seed: int) -> list[int]:
-    with FalEmulator(faults=Faults(error_500=0.2, error_503=0.2, error_429=0.2, seed=seed, retry_after=0)) as emu:
-        with httpx.Client(headers={"Authorization": f"Key {emu.key}"}) as c:
-            return [c.get(f"{emu.url}/{APP}/requests/x/status").status_code for _ in range(40)]
+    with FalEmulator(faults=Faults(error_500=0.2, error_503=0.2, error_429=0.2, seed=seed, retry_after=0)) as raw_emu:
+        with httpx.Client(headers={"Authorization": f"Key {raw_emu.key}"}) as c:
+            return [c.get(f"{raw_emu.url}/{APP}/requests/x/status").status_code for _ in range(40)]
 
 
 def test_faults_reproducible_with_seed():
@@ -523,72 +531,78 @@ def test_faults_reproducible_with_seed():
     assert 0.35 < sum(s != 404 for s in a) / len(a) < 0.85
 
 
-def test_faults_limited_to_routes(emu, client, payload):
-    emu.faults = {"error_503": 1.0, "routes": frozenset({"result"})}
-    sub = client.post(f"{emu.url}/{APP}", json=payload).json()
+def test_faults_limited_to_routes(raw_emu, client, payload):
+    raw_emu.faults = {"error_503": 1.0, "routes": frozenset({"result"})}
+    sub = client.post(f"{raw_emu.url}/{APP}", json=payload).json()
     wait_done(client, sub)
     assert client.get(sub["response_url"]).status_code == 503
     with pytest.raises(ValueError):
-        emu.inject("teapot")
+        raw_emu.inject("teapot")
 
 
 # ------------------------------------------------------------------ recorder, lifecycle, scale
 
 
-def test_recorder_and_reset(emu, client, payload):
-    client.post(f"{emu.url}/{APP}", json=payload, params={"fal_webhook": "x"}, headers={"X-Fal-Queue-Priority": "low"})
-    rec = emu.requests[0]
+def test_recorder_and_reset(raw_emu, client, payload):
+    client.post(
+        f"{raw_emu.url}/{APP}", json=payload, params={"fal_webhook": "x"}, headers={"X-Fal-Queue-Priority": "low"}
+    )
+    rec = raw_emu.requests[0]
     assert (rec.method, rec.path, rec.route, rec.status) == ("POST", f"/{APP}", "submit", 200)
     assert rec.query == {"fal_webhook": "x"} and rec.headers["x-fal-queue-priority"] == "low"
     assert rec.json == payload and rec.time <= time.time()
-    sub = emu.submissions[0]
+    sub = raw_emu.submissions[0]
     assert (sub.app, sub.payload, sub.mode) == (APP, payload, "queue")
-    emu.script(["x"])
-    emu.faults = Faults(error_500=1.0)
-    emu.reset()
-    assert emu.requests == [] and emu.submissions == [] and emu.faults == Faults()
-    assert client.post(f"{emu.run_url}/{APP}", json=payload).json()["output"] == expected_output(payload)
+    raw_emu.script(["x"])
+    raw_emu.faults = Faults(error_500=1.0)
+    raw_emu.reset()
+    assert raw_emu.requests == [] and raw_emu.submissions == [] and raw_emu.faults == Faults()
+    assert client.post(f"{raw_emu.run_url}/{APP}", json=payload).json()["output"] == expected_output(payload)
 
 
-def test_urls_and_env(emu):
-    assert emu.url.startswith("http://127.0.0.1:") and emu.queue_url == emu.url
-    assert (emu.run_url, emu.rest_url, emu.cdn_url) == (emu.url + "/run", emu.url + "/rest", emu.url + "/cdn")
-    assert emu.env() == {
-        "FAL_KEY": emu.key,
-        "FAL_QUEUE_URL": emu.url,
-        "FAL_RUN_URL": emu.run_url,
-        "FAL_REST_URL": emu.rest_url,
-        "FAL_CDN_URL": emu.cdn_url,
+def test_urls_and_env(raw_emu):
+    assert raw_emu.url.startswith("http://127.0.0.1:") and raw_emu.queue_url == raw_emu.url
+    assert (raw_emu.run_url, raw_emu.rest_url, raw_emu.cdn_url) == (
+        raw_emu.url + "/run",
+        raw_emu.url + "/rest",
+        raw_emu.url + "/cdn",
+    )
+    assert raw_emu.env() == {
+        "FAL_KEY": raw_emu.key,
+        "FAL_QUEUE_URL": raw_emu.url,
+        "FAL_RUN_URL": raw_emu.run_url,
+        "FAL_REST_URL": raw_emu.rest_url,
+        "FAL_CDN_URL": raw_emu.cdn_url,
     }
-    assert emu.key not in repr(emu)
+    assert raw_emu.key not in repr(raw_emu)
 
 
 def test_stop_closes_open_streams_quickly(payload):
-    emu = FalEmulator(hang=True).start()
-    h = {"Authorization": f"Key {emu.key}"}
-    sub = httpx.post(f"{emu.url}/{APP}", json=payload, headers=h).json()
+    raw_emu = FalEmulator(hang=True).start()
+    h = {"Authorization": f"Key {raw_emu.key}"}
+    sub = httpx.post(f"{raw_emu.url}/{APP}", json=payload, headers=h).json()
     with httpx.Client(headers=h, timeout=5) as c, c.stream("GET", sub["status_url"] + "/stream") as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
         t0 = time.perf_counter()
-        emu.stop()
+        raw_emu.stop()
         with pytest.raises(httpx.RemoteProtocolError):
             list(lines)
     assert time.perf_counter() - t0 < 1.5
     with pytest.raises(RuntimeError):
-        emu.url
+        raw_emu.url
 
 
 async def test_concurrent_async_clients(payload):
-    with FalEmulator(service_time=0.1) as emu:
+    with FalEmulator(service_time=0.1) as raw_emu:
         # several pools: httpcore's pool costs O(requests x connections) CPU, which would dominate
-        clients = [httpx.AsyncClient(headers={"Authorization": f"Key {emu.key}"}, timeout=20) for _ in range(5)]
+        clients = [httpx.AsyncClient(headers={"Authorization": f"Key {raw_emu.key}"}, timeout=20) for _ in range(5)]
         async with clients[0], clients[1], clients[2], clients[3], clients[4]:
 
             async def one(i: int) -> None:
                 c = clients[i % 5]
                 p = {**payload, "prompt": f"question {i}"}
-                sub = (await c.post(f"{emu.url}/{APP}", json=p)).json()
+                sub = (await c.post(f"{raw_emu.url}/{APP}", json=p)).json()
                 async with c.stream("GET", sub["status_url"] + "/stream") as r:
                     await r.aread()
                 res = (await c.get(sub["response_url"])).json()
@@ -597,7 +611,7 @@ async def test_concurrent_async_clients(payload):
             t0 = time.perf_counter()
             await asyncio.gather(*(one(i) for i in range(100)))
             wall = time.perf_counter() - t0
-        assert len(emu.submissions) == 100 and len({s.request_id for s in emu.submissions}) == 100
+        assert len(raw_emu.submissions) == 100 and len({s.request_id for s in raw_emu.submissions}) == 100
         assert wall < 3  # jobs overlap: serially this would take > 10 s
 
 
@@ -624,21 +638,21 @@ def test_cli_help_and_run():
         proc.wait(timeout=10)
 
 
-def test_official_fal_client_speaks_to_it(emu, monkeypatch, png_bytes):
+def test_official_fal_client_speaks_to_it(raw_emu, monkeypatch, png_bytes):
     """fal-client (pointed at the emulator through its URL constants) runs its whole flow."""
     fal_client = pytest.importorskip("fal_client")
     import fal_client.client as fc
 
     for name, value in (
-        ("QUEUE_URL_FORMAT", emu.url + "/"),
-        ("RUN_URL_FORMAT", emu.run_url + "/"),
-        ("REST_URL", emu.rest_url),
-        ("CDN_URL", emu.cdn_url),
+        ("QUEUE_URL_FORMAT", raw_emu.url + "/"),
+        ("RUN_URL_FORMAT", raw_emu.run_url + "/"),
+        ("REST_URL", raw_emu.rest_url),
+        ("CDN_URL", raw_emu.cdn_url),
     ):
         monkeypatch.setattr(fc, name, value)
-    c = fal_client.SyncClient(key=emu.key)
+    c = fal_client.SyncClient(key=raw_emu.key)
     url = c.upload(png_bytes, "image/png", "red.png")
-    assert url in emu.uploads
+    assert url in raw_emu.uploads
     p = {"prompt": "describe <image>", "images": [{"image_url": url}]}
     updates: list = []
     assert c.subscribe(APP, p, with_logs=True, on_queue_update=updates.append)["output"] == expected_output(p)
@@ -649,13 +663,13 @@ def test_official_fal_client_speaks_to_it(emu, monkeypatch, png_bytes):
         c.submit(APP, {"prompt": "no images"}).get()
     assert err.value.status_code == 422
     # our ingress 503 and 429 are what fal-client recognises as retryable; our 500 is not
-    emu.faults = Faults(retry_after=0)
-    emu.inject("503", route="submit")
-    emu.inject("429", route="status")
-    before = len(emu.submissions)
+    raw_emu.faults = Faults(retry_after=0)
+    raw_emu.inject("503", route="submit")
+    raw_emu.inject("429", route="status")
+    before = len(raw_emu.submissions)
     assert c.subscribe(APP, p)["output"] == expected_output(p)
-    assert len(emu.submissions) == before + 1
-    emu.inject("500", route="run")
+    assert len(raw_emu.submissions) == before + 1
+    raw_emu.inject("500", route="run")
     with pytest.raises(fal_client.FalClientHTTPError) as err:
         c.run(APP, p)
     assert err.value.status_code == 500

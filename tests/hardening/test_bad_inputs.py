@@ -92,7 +92,7 @@ def b64(data: bytes) -> str:
 
 @dataclass
 class Ctx:
-    emu: FalEmulator
+    fresh_emu: FalEmulator
     chat: ChatMantis
     llm: Mantis
     fal: FalBackend
@@ -122,14 +122,14 @@ def catalogue_emu():
 
 
 @pytest.fixture
-def ctx(catalogue_emu, local_backend, other_host, closed_port, tmp_path, monkeypatch):
-    emu = catalogue_emu
-    emu.reset()
+def ctx(catalogue_emu, limited_backend, other_host, closed_port, tmp_path, monkeypatch):
+    fresh_emu = catalogue_emu
+    fresh_emu.reset()
     for name in FAL_ENV:
         monkeypatch.delenv(name, raising=False)
-    for name, value in emu.env().items():
+    for name, value in fresh_emu.env().items():
         monkeypatch.setenv(name, value)
-    c = Ctx(emu, ChatMantis(), Mantis(), FalBackend(), local_backend, other_host.url,
+    c = Ctx(fresh_emu, ChatMantis(), Mantis(), FalBackend(), limited_backend, other_host.url,
             f"http://127.0.0.1:{closed_port}", tmp_path, monkeypatch)  # fmt: skip
     yield c
     c.chat.close()
@@ -144,7 +144,7 @@ def without_key(c: Ctx) -> ChatMantis:
 
 
 def scripted(c: Ctx, entry) -> Ctx:
-    c.emu.script([entry])
+    c.fresh_emu.script([entry])
     return c
 
 
@@ -598,7 +598,7 @@ def animated_gif() -> bytes:
     return buf.getvalue()
 
 
-def test_animated_gif_uses_the_first_frame_on_fal_and_locally(emu, local_backend):
+def test_animated_gif_uses_the_first_frame_on_fal_and_locally(fresh_emu, limited_backend):
     """images.py documents GIF animations as "the first frame only": it works, it is not an error."""
     from PIL import Image as PILImage
 
@@ -609,7 +609,7 @@ def test_animated_gif_uses_the_first_frame_on_fal_and_locally(emu, local_backend
         [HumanMessage(content=[{"type": "image", "base64": b64(gif), "mime_type": "image/gif"}, "Colour?"])]
     )
     assert msg.content.startswith("[mantis-emulator] 1 image")
-    sent = emu.submissions[0].payload["images"][0]["image_url"]
+    sent = fresh_emu.submissions[0].payload["images"][0]["image_url"]
     head, _, data = sent.partition(",")
     assert head in ("data:image/jpeg;base64", "data:image/png;base64")  # re-encoded: fal gets one still image
     still = PILImage.open(io.BytesIO(base64.b64decode(data)))
@@ -617,17 +617,17 @@ def test_animated_gif_uses_the_first_frame_on_fal_and_locally(emu, local_backend
     r, g, b = still.convert("RGB").getpixel((20, 15))
     assert r > 180 and g < 60 and b < 60  # the red first frame, not the blue or green ones
     chat.close()
-    out = local_backend.generate(Request(Conversation.from_prompt("Colour?", [gif]), GenerationParams(max_tokens=2)))
+    out = limited_backend.generate(Request(Conversation.from_prompt("Colour?", [gif]), GenerationParams(max_tokens=2)))
     assert out.usage.output_tokens <= 2 and out.metrics["images"] == 1
 
 
-def test_literal_placeholders_in_text_are_escaped_not_errors(emu):
+def test_literal_placeholders_in_text_are_escaped_not_errors(fresh_emu):
     """User text that spells ``<image>`` or ``</s>`` is text: it takes no image slot."""
     text = "What does the tag <image> mean here? And </s> or <s>?"
     chat = ChatMantis()
     msg = chat.invoke([HumanMessage(content=[{"type": "text", "text": text}, LC_URL])])
     chat.close()
-    prompt = emu.submissions[0].payload["prompt"]
+    prompt = fresh_emu.submissions[0].payload["prompt"]
     assert prompt == "What does the tag < image> mean here? And < /s> or < s>? <image>"
     assert msg.content.endswith("< image> mean here? And < /s> or < s>? <image>")
     conv = Conversation([Turn("user", [text, Image(URL)])])

@@ -22,11 +22,11 @@ SLACK = 1.0  # seconds over fetch_timeout allowed for scheduling noise
 
 
 @pytest.fixture(params=["local", "fal"])
-def backend(request, local_backend, emu):
+def backend(request, limited_backend, fresh_emu):
     """The local backend (session fixture with LIMITS), or a FalBackend fetching remote images."""
     if request.param == "local":
-        assert local_backend.image_options == ImageOptions(**LIMITS)
-        yield local_backend
+        assert limited_backend.image_options == ImageOptions(**LIMITS)
+        yield limited_backend
     else:
         b = FalBackend(image_options=ImageOptions(fetch_remote=True, **LIMITS))
         yield b
@@ -57,12 +57,12 @@ def fails(backend, url: str, needle: str, *, run_async: bool = False) -> float:
     return time.perf_counter() - t0
 
 
-def test_a_good_url_works(backend, other_host, emu):
+def test_a_good_url_works(backend, other_host, fresh_emu):
     out = ask(backend, other_host.url + "/img/ok.png")
     assert out.text
     assert [s.path for s in other_host.seen] == ["/img/ok.png"]
     if isinstance(backend, FalBackend):  # fal got the image itself, as data, not our URL
-        sent = emu.submissions[-1].payload["images"][0]["image_url"]
+        sent = fresh_emu.submissions[-1].payload["images"][0]["image_url"]
         assert sent.startswith("data:image/png;base64,")
 
 

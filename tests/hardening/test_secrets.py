@@ -79,16 +79,16 @@ def expect(exc_type, fn, texts: list[str]) -> BaseException:
 
 @pytest.fixture
 def secret_emu(monkeypatch):
-    with FalEmulator(key=SECRET, service_time=0.01) as emu:
+    with FalEmulator(key=SECRET, service_time=0.01) as fresh_emu:
         for name in FAL_ENV:
             monkeypatch.delenv(name, raising=False)
-        for name, value in emu.env().items():
+        for name, value in fresh_emu.env().items():
             monkeypatch.setenv(name, value)
-        yield emu
+        yield fresh_emu
 
 
-def test_the_key_appears_nowhere(secret_emu, other_host, local_backend, closed_port, caplog, capfd, monkeypatch):
-    emu = secret_emu
+def test_the_key_appears_nowhere(secret_emu, other_host, limited_backend, closed_port, caplog, capfd, monkeypatch):
+    fresh_emu = secret_emu
     texts: list[str] = []
     made: list = []
 
@@ -136,7 +136,7 @@ def test_the_key_appears_nowhere(secret_emu, other_host, local_backend, closed_p
         # ---- the backend itself: sync mode, uploads (Bearer token to the CDN, never the key)
         fal = keep(FalBackend(mode="sync", upload_threshold=100))
         texts.append(repr(fal.generate(Request(Conversation.from_prompt("Describe", [image])))))
-        assert any(r.route == "upload" for r in emu.requests)
+        assert any(r.route == "upload" for r in fresh_emu.requests)
         # ---- FAL_KEY_ID + FAL_KEY_SECRET instead of FAL_KEY
         monkeypatch.delenv("FAL_KEY")
         monkeypatch.setenv("FAL_KEY_ID", KEY_ID)
@@ -147,7 +147,7 @@ def test_the_key_appears_nowhere(secret_emu, other_host, local_backend, closed_p
         # ---- the local backend fetching an image (FAL_KEY is set: it must not travel)
         texts.append(
             repr(
-                local_backend.generate(
+                limited_backend.generate(
                     Request(Conversation.from_prompt("hi", [img_url]), GenerationParams(max_tokens=2))
                 )
             )
@@ -164,18 +164,18 @@ def test_the_key_appears_nowhere(secret_emu, other_host, local_backend, closed_p
         expect(errors.InvalidRequestError, lambda: chat.invoke([HumanMessage("no image")]), texts)  # 422
         gone = keep(ChatMantis(model="fal-ai/gone"))
         expect(errors.EndpointNotFoundError, lambda: gone.invoke(lc_msg), texts)  # 404
-        emu.script([JobError(500, "Runner crashed", "runner_server_error")])
+        fresh_emu.script([JobError(500, "Runner crashed", "runner_server_error")])
         expect(errors.BackendError, lambda: llm.chat(li_msg), texts)
-        emu.inject("500", route="result")
+        fresh_emu.inject("500", route="result")
         expect(errors.BackendError, lambda: b.generate(req()), texts)
-        emu.inject("429", route="submit")
+        fresh_emu.inject("429", route="submit")
         expect(errors.RateLimitError, lambda: b.generate(req()), texts)
-        emu.inject("drop", route="submit")
+        fresh_emu.inject("drop", route="submit")
         expect(errors.BackendError, lambda: b.generate(req()), texts)  # ambiguous submit
-        emu.inject("503", route="run")
+        fresh_emu.inject("503", route="run")
         sync = keep(FalBackend(mode="sync", max_retries=0))
         expect(errors.BackendError, lambda: sync.generate(req()), texts)
-        emu.script([HANG])
+        fresh_emu.script([HANG])
         hurried = keep(ChatMantis(timeout=0.3))
         expect(errors.RequestTimeoutError, lambda: hurried.invoke(lc_msg), texts)
         nowhere = keep(FalBackend(queue_url=f"http://127.0.0.1:{closed_port}"))
@@ -187,15 +187,15 @@ def test_the_key_appears_nowhere(secret_emu, other_host, local_backend, closed_p
         )
         html = [HumanMessage(content=[{"type": "image", "url": other_host.url + "/page.html"}, "hi"])]
         expect(errors.ImageError, lambda: fetching.invoke(html), texts)
-        emu.key = "someone-else:entirely"  # our key is now the wrong one: 401
+        fresh_emu.key = "someone-else:entirely"  # our key is now the wrong one: 401
         expect(errors.AuthenticationError, lambda: chat.invoke(lc_msg), texts)
         expect(errors.AuthenticationError, lambda: asyncio.run(in_loop(llm, llm.achat(li_msg))), texts)
         assert cli.main(["ask", img_url, "-p", "hi"]) == 2
-        emu.key = SECRET
+        fresh_emu.key = SECRET
 
         # ---- every public object, every way it can be shown or serialized
         backend = chat.get_backend()
-        for obj in (chat, fetching, llm, legacy, backend, fal, local_backend):
+        for obj in (chat, fetching, llm, legacy, backend, fal, limited_backend):
             texts += [repr(obj), str(obj), repr(vars(obj))]
         texts.append(repr(backend._config))
         for model in (chat, llm, legacy):
@@ -225,9 +225,9 @@ def test_the_key_appears_nowhere(secret_emu, other_host, local_backend, closed_p
         assert needle not in blob, f"{needle!r} leaked"
 
     # the key went to fal's routes (and was used), never anywhere else
-    keyed = [r for r in emu.requests if r.route in FAL_ROUTES]
+    keyed = [r for r in fresh_emu.requests if r.route in FAL_ROUTES]
     assert len(keyed) > 30 and all(r.headers.get("authorization") == f"Key {SECRET}" for r in keyed)
-    others = [r for r in emu.requests if r.route not in FAL_ROUTES]
+    others = [r for r in fresh_emu.requests if r.route not in FAL_ROUTES]
     assert {r.route for r in others} >= {"upload"}
     for r in others:
         assert not any(n in json.dumps(r.headers) for n in NEEDLES), r.route

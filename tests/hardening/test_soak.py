@@ -82,11 +82,11 @@ def test_total_time_is_bounded(soak):
     assert res.quantile(0.95) < 5.0
 
 
-def test_result_500_after_a_clean_completion_is_retried(emu):
-    emu.inject("500", route="result")
+def test_result_500_after_a_clean_completion_is_retried(fresh_emu):
+    fresh_emu.inject("500", route="result")
     chat = ChatMantis()
     try:
         msg = chat.invoke([HumanMessage(content=[{"type": "image", "url": "http://127.0.0.1:9/a.jpg"}, "hi"])])
     finally:
         chat.close()
-    assert msg.content == expected_output(emu.submissions[0].payload)
+    assert msg.content == expected_output(fresh_emu.submissions[0].payload)

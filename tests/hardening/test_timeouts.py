@@ -52,19 +52,19 @@ def assert_nothing_left(before: Snapshot, port: int) -> None:
     assert client_sockets(port) == []
 
 
-def assert_cancelled_at_fal(emu) -> str:
-    assert len(emu.submissions) == 1
-    rid = emu.submissions[0].request_id
-    assert emu.cancelled == [rid]
-    puts = [r for r in emu.requests if r.route == "cancel"]
+def assert_cancelled_at_fal(fresh_emu) -> str:
+    assert len(fresh_emu.submissions) == 1
+    rid = fresh_emu.submissions[0].request_id
+    assert fresh_emu.cancelled == [rid]
+    puts = [r for r in fresh_emu.requests if r.route == "cancel"]
     assert [(r.method, r.path.rsplit("/", 2)[-2]) for r in puts] == [("PUT", rid)]
-    assert emu.job_status(rid) == "COMPLETED"  # cancelled jobs end COMPLETED (499) at the emulator
+    assert fresh_emu.job_status(rid) == "COMPLETED"  # cancelled jobs end COMPLETED (499) at the emulator
     return rid
 
 
 @pytest.mark.parametrize("kind", ["langchain", "llama_index"])
-def test_timeout_cancels_the_job_and_leaves_nothing_behind(emu, kind):
-    emu.script([HANG])
+def test_timeout_cancels_the_job_and_leaves_nothing_behind(fresh_emu, kind):
+    fresh_emu.script([HANG])
     before = Snapshot.take()
 
     async def scenario():
@@ -79,37 +79,37 @@ def test_timeout_cancels_the_job_and_leaves_nothing_behind(emu, kind):
 
     elapsed, err = asyncio.run(scenario())
     assert TIMEOUT <= elapsed < TIMEOUT + MARGIN
-    rid = assert_cancelled_at_fal(emu)
+    rid = assert_cancelled_at_fal(fresh_emu)
     assert err.request_id == rid and rid in str(err) and f"{TIMEOUT:g} s" in str(err)
-    assert_nothing_left(before, urlsplit(emu.url).port)
+    assert_nothing_left(before, urlsplit(fresh_emu.url).port)
 
 
-def test_sync_timeout_cancels_the_job_and_leaves_nothing_behind(emu):
-    emu.script([HANG])
+def test_sync_timeout_cancels_the_job_and_leaves_nothing_behind(fresh_emu):
+    fresh_emu.script([HANG])
     before = Snapshot.take()
     chat = ChatMantis(timeout=TIMEOUT)
     t0 = time.perf_counter()
     with pytest.raises(errors.RequestTimeoutError):
         chat.invoke([HumanMessage(content=[{"type": "image", "url": IMG}, "What is this?"])])
     assert TIMEOUT <= time.perf_counter() - t0 < TIMEOUT + MARGIN
-    assert_cancelled_at_fal(emu)
+    assert_cancelled_at_fal(fresh_emu)
     chat.close()
-    assert_nothing_left(before, urlsplit(emu.url).port)
+    assert_nothing_left(before, urlsplit(fresh_emu.url).port)
 
 
 @pytest.mark.parametrize("kind", ["langchain", "llama_index"])
-def test_task_cancellation_cancels_the_job_and_leaves_nothing_behind(emu, kind):
-    emu.script([HANG])
+def test_task_cancellation_cancels_the_job_and_leaves_nothing_behind(fresh_emu, kind):
+    fresh_emu.script([HANG])
     before = Snapshot.take()
 
     async def scenario():
         model = make(kind, timeout=30)
         task = asyncio.create_task(call(model, kind))
         deadline = time.monotonic() + 5
-        while not emu.submissions and time.monotonic() < deadline:
+        while not fresh_emu.submissions and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.1)  # the job is running and we are waiting on its status stream
-        assert emu.job_status(emu.submissions[0].request_id) == "IN_PROGRESS"
+        assert fresh_emu.job_status(fresh_emu.submissions[0].request_id) == "IN_PROGRESS"
         t0 = time.perf_counter()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -120,19 +120,19 @@ def test_task_cancellation_cancels_the_job_and_leaves_nothing_behind(emu, kind):
 
     took = asyncio.run(scenario())
     assert took < MARGIN  # the cancel PUT is sent before CancelledError reaches us
-    assert_cancelled_at_fal(emu)
-    assert_nothing_left(before, urlsplit(emu.url).port)
+    assert_cancelled_at_fal(fresh_emu)
+    assert_nothing_left(before, urlsplit(fresh_emu.url).port)
 
 
-def test_timeout_while_queued_behind_other_jobs(emu):
+def test_timeout_while_queued_behind_other_jobs(fresh_emu):
     """A job still IN_QUEUE when the deadline passes is cancelled too (and never runs)."""
-    emu.concurrency = 1
-    emu.script([HANG, "second"])
+    fresh_emu.concurrency = 1
+    fresh_emu.script([HANG, "second"])
 
     async def scenario():
         chat = ChatMantis(timeout=30)
         blocker = asyncio.create_task(call(chat, "langchain"))
-        while not emu.submissions:
+        while not fresh_emu.submissions:
             await asyncio.sleep(0.01)
         quick = ChatMantis(timeout=TIMEOUT)
         with pytest.raises(errors.RequestTimeoutError):
@@ -144,7 +144,7 @@ def test_timeout_while_queued_behind_other_jobs(emu):
         await quick.aclose()
 
     asyncio.run(scenario())
-    first, second = (s.request_id for s in emu.submissions)
-    assert sorted(emu.cancelled) == sorted([first, second])
-    started = [r for r in emu.requests if r.route == "result"]
+    first, second = (s.request_id for s in fresh_emu.submissions)
+    assert sorted(fresh_emu.cancelled) == sorted([first, second])
+    started = [r for r in fresh_emu.requests if r.route == "result"]
     assert started == []  # neither result was ever fetched

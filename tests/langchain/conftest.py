@@ -1,6 +1,6 @@
 """Fixtures for the LangChain adapter tests: offline serving of the images the langchain-tests
-suites download, and a tiny local model. The FalEmulator fixtures (``emulator``, ``emu``) are
-in tests/conftest.py."""
+suites download. The tiny local model (``local_backend``) and the FalEmulator fixtures
+(``emulator``, ``emu``) are in tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -63,15 +63,3 @@ def offline_images(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(httpx.HTTPTransport, "handle_request", handle_request)
     monkeypatch.setattr(httpx.AsyncHTTPTransport, "handle_async_request", handle_async_request)
-
-
-@pytest.fixture(scope="session")
-def local_backend(tmp_path_factory):
-    """A TransformersBackend on a tiny random-weight Mantis (built here, nothing downloaded)."""
-    from mantis_llm.backends.local import TransformersBackend
-    from mantis_llm.testing import build_tiny_mantis
-
-    path = build_tiny_mantis(tmp_path_factory.mktemp("tiny-mantis") / "clip", vision="clip")
-    backend = TransformersBackend(model=str(path))
-    yield backend
-    backend.close()

@@ -176,6 +176,7 @@ _RANDOM_JSON = (
 )
 
 
+@pytest.mark.local  # the backend fixture is looked up by name, so the marker is set here
 class TestChatMantisLocalIntegration(ChatMantisIntegration):
     backend_fixture = "local_backend"
     extra_params = {"max_tokens": 12}

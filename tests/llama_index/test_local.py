@@ -21,10 +21,9 @@ pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from mantis_llm.testing import build_tiny_mantis
-
-    return str(build_tiny_mantis(tmp_path_factory.mktemp("tiny") / "clip", vision="clip"))
+def tiny(tiny_model) -> str:
+    """The shared tiny model's directory, as the str a user would pass."""
+    return str(tiny_model)
 
 
 @pytest.fixture(scope="module")

@@ -29,9 +29,9 @@ def tiny_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_clip(tiny_root) -> Path:
-    """CLIP 32px / patch 8 (16 tokens per image), saved with save_pretrained."""
-    return build_tiny_mantis(tiny_root / "clip", vision="clip")
+def tiny_clip(tiny_model) -> Path:
+    """CLIP 32px / patch 8 (16 tokens per image), saved with save_pretrained: the shared tiny model."""
+    return tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -47,13 +47,9 @@ def tiny_mantis_layout(tiny_root) -> Path:
 
 
 @pytest.fixture(scope="session")
-def clip_backend(tiny_clip):
-    """A loaded backend shared by the tests that do not close or reconfigure it."""
-    from mantis_llm.backends.local import TransformersBackend
-
-    backend = TransformersBackend(model=tiny_clip).load()
-    yield backend
-    backend.close()
+def clip_backend(local_backend):
+    """The shared loaded backend on the CLIP model (tests/conftest.py ``local_backend``)."""
+    return local_backend
 
 
 @pytest.fixture(scope="session")

@@ -192,7 +192,7 @@ def transformers_serve(openai_root, tiny_mantis) -> Iterator[ServeProcess]:
 
 
 @pytest.fixture(scope="session")
-def local_backend(tiny_mantis):
+def source_backend(tiny_mantis):
     """The local backend on the same weights the server serves."""
     from mantis_llm import TransformersBackend
 

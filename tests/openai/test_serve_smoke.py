@@ -66,12 +66,12 @@ def test_fixture_starts_quickly(transformers_serve):
 
 
 @pytest.mark.parametrize("name", list(CONVERSATIONS))
-def test_greedy_answer_equals_local_backend(transformers_serve, local_backend, to_openai, name):
+def test_greedy_answer_equals_local_backend(transformers_serve, source_backend, to_openai, name):
     conversation = CONVERSATIONS[name]
     r = chat(transformers_serve, to_openai(conversation))
     assert r.status_code == 200, r.text
     body = r.json()
-    local = local_answer(local_backend, conversation)
+    local = local_answer(source_backend, conversation)
     (choice,) = body["choices"]
     assert choice["message"] == {"role": "assistant", "content": local.text}
     assert choice["finish_reason"] == local.finish_reason
@@ -91,11 +91,11 @@ def test_images_reach_the_model(transformers_serve, to_openai):
     assert with_image["usage"]["prompt_tokens"] - text_only["usage"]["prompt_tokens"] == wrapper + tokens_per_image()
 
 
-def test_streaming_equals_local_backend(transformers_serve, local_backend, to_openai):
+def test_streaming_equals_local_backend(transformers_serve, source_backend, to_openai):
     conversation = CONVERSATIONS["interleaved, several turns"]
     events = stream_events(transformers_serve, to_openai(conversation))
     chunks = [json.loads(e) for e in events]
-    local = local_answer(local_backend, conversation)
+    local = local_answer(source_backend, conversation)
 
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
@@ -114,12 +114,12 @@ def test_streaming_equals_local_backend(transformers_serve, local_backend, to_op
     assert "[DONE]" not in events
 
 
-def test_bos_from_the_tokenizer_gives_the_same_answer(transformers_serve, local_backend, to_openai):
+def test_bos_from_the_tokenizer_gives_the_same_answer(transformers_serve, source_backend, to_openai):
     """write_bos_token=false: the template leaves BOS to the server's tokenizer, as the local backend
     does (the exact-ids mode for tokenizers where "<s>" text and an added BOS tokenize differently)."""
     conversation = CONVERSATIONS["one image"]
     r = chat(transformers_serve, to_openai(conversation), chat_template_kwargs={"write_bos_token": False})
     assert r.status_code == 200, r.text
-    local = local_answer(local_backend, conversation)
+    local = local_answer(source_backend, conversation)
     assert r.json()["choices"][0]["message"]["content"] == local.text
     assert r.json()["usage"]["prompt_tokens"] == local.usage.input_tokens
