@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .backends import BACKEND_NAMES, Backend, resolve_backend
+from .backends import BACKEND_NAMES, Backend, check_options, resolve_backend
 from .errors import ConfigurationError, InvalidRequestError, from_validation_error
 from .types import GenerationParams
 
@@ -67,11 +67,19 @@ def build_backend(
     return resolve_backend(backend, model, api_key=api_key, timeout=timeout, max_retries=max_retries, **backend_options)
 
 
-def check_fields(owner: str, backend_options: dict[str, Any], default_params: Callable[[], GenerationParams]) -> None:
-    """Refuse, at construction, what would otherwise fail at the first call."""
+def check_fields(
+    owner: str, backend: str | Backend, backend_options: dict[str, Any], default_params: Callable[[], GenerationParams]
+) -> None:
+    """Refuse, at construction, what would otherwise fail at the first call: options the
+    backend does not take (a misspelt ``mdoe``), options that duplicate a field, bad defaults."""
     clash = sorted(set(backend_options) & set(BUILT_BY_FIELDS))
     if clash:
         raise ConfigurationError(f"{owner}: backend_options may not set {clash}: use the {owner} fields instead")
+    if isinstance(backend, str):
+        try:
+            check_options(backend, backend_options)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{owner}: {exc.message}") from None
     try:
         default_params()  # e.g. an empty stop string
     except InvalidRequestError as exc:

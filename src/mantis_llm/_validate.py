@@ -11,6 +11,16 @@ from typing import Any
 from .errors import ConfigurationError
 
 
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+"""The default of an option where None is a meaningful value (``image_short_side=None``
+disables downsizing), so "not given" needs its own marker."""
+
+
 def check_option(ok: bool, name: str, what: str, value: Any) -> None:
     """Raise a ConfigurationError naming the constructor argument ``name`` unless ``ok``."""
     if not ok:

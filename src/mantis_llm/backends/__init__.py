@@ -16,27 +16,73 @@ DEFAULT_LOCAL_MODEL = "TIGER-Lab/Mantis-llava-7b"
 BACKEND_NAMES = ("fal", "local")
 
 
-def resolve_backend(backend: str | Backend, model: str | None = None, **options: Any) -> Backend:
+# name -> (module, class); the modules import nothing heavy (torch loads with the model)
+_CLASSES = {"fal": ("fal", "FalBackend"), "local": ("local", "TransformersBackend")}
+_ALIASES = {"transformers": "local"}
+# the adapters' own fields, which a backend takes only if its constructor names them
+_FIELD_OPTIONS = ("api_key", "timeout", "max_retries")
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The class ``backend=name`` builds (imported on first use)."""
+    import importlib
+
+    name = _ALIASES.get(name, name)
+    if name not in _CLASSES:
+        raise ConfigurationError(f"unknown backend {name!r}: expected one of {BACKEND_NAMES} or a Backend instance")
+    module, cls = _CLASSES[name]
+    backend: type[Backend] = getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+    return backend
+
+
+def option_names(name: str) -> tuple[str, ...]:
+    """The keyword options the named backend's constructor takes (besides its model)."""
+    import inspect
+
+    params = inspect.signature(backend_class(name).__init__).parameters
+    return tuple(
+        p for p in params if p not in ("self", "model", "endpoint") and params[p].kind == params[p].KEYWORD_ONLY
+    )
+
+
+def check_options(name: str, options: dict[str, Any], *, where: str = "backend_options") -> None:
+    """Raise a ConfigurationError naming every option the named backend does not take."""
+    valid = option_names(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigurationError(
+            f"{where}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for the "
+            f"{_ALIASES.get(name, name)} backend; valid options: {', '.join(valid)}"
+        )
+
+
+def resolve_backend(
+    backend: str | Backend,
+    model: str | None = None,
+    *,
+    api_key: Any = None,
+    timeout: float | None = None,
+    max_retries: int | None = None,
+    **options: Any,
+) -> Backend:
     """Return ``backend`` itself if it is a :class:`Backend`, else build the named one.
 
     ``model`` is the fal endpoint id for ``"fal"`` and a hub id or path for ``"local"``
-    (the fal default id given with ``"local"`` means the local default). Options that
-    are ``None`` are dropped so each backend's own defaults apply.
+    (the fal default id given with ``"local"`` means the local default). ``api_key``,
+    ``timeout`` and ``max_retries`` (the adapters' fields) go to the backends that take them,
+    and None means the backend's own default. ``options`` are passed on as given
+    (``image_short_side=None`` disables downsizing); a name the backend does not take is a
+    :class:`~mantis_llm.errors.ConfigurationError` listing the valid ones.
     """
     if isinstance(backend, Backend):
         return backend
-    options = {k: v for k, v in options.items() if v is not None}
-    if backend == "fal":
-        from .fal import FalBackend
-
-        return FalBackend(endpoint=resolve_model(backend, model), **options)
-    if backend in ("local", "transformers"):
-        from .local import TransformersBackend
-
-        for fal_only in ("api_key", "max_retries", "timeout"):
-            options.pop(fal_only, None)
-        return TransformersBackend(model=resolve_model(backend, model), **options)
-    raise ConfigurationError(f"unknown backend {backend!r}: expected one of {BACKEND_NAMES} or a Backend instance")
+    cls = backend_class(backend)
+    check_options(backend, options, where="backend options")
+    fields = {"api_key": api_key, "timeout": timeout, "max_retries": max_retries}
+    valid = option_names(backend)
+    given = {k: v for k, v in fields.items() if v is not None and k in valid}
+    model_arg = "endpoint" if _ALIASES.get(backend, backend) == "fal" else "model"
+    return cls(**{model_arg: resolve_model(backend, model)}, **given, **options)
 
 
 def resolve_model(backend: str | Backend, model: str | None = None) -> str:

@@ -94,7 +94,7 @@ class ChatMantis(BaseChatModel):
     def _default_model_for_backend(self) -> ChatMantis:
         if "model" not in self.model_fields_set:
             self.model = resolve_model(self.backend)
-        check_fields("ChatMantis", self.backend_options, lambda: self._params(None))
+        check_fields("ChatMantis", self.backend, self.backend_options, lambda: self._params(None))
         return self
 
     # -- LangChain metadata -------------------------------------------------------------

@@ -153,7 +153,7 @@ class _MantisBase(BaseModel):
 
     @model_validator(mode="after")
     def _checked(self) -> Any:
-        check_fields(type(self).__name__, self.backend_options, self._default_params)
+        check_fields(type(self).__name__, self.backend, self.backend_options, self._default_params)
         return self
 
     @field_validator("stop", mode="before")

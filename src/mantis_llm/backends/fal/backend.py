@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import httpx
 from pydantic import SecretStr
 
-from ..._validate import check_option, is_non_negative_int, is_number, is_positive_int
+from ..._validate import UNSET, check_option, is_non_negative_int, is_number, is_positive_int
 from ...errors import ConfigurationError
 from ...images import ImageOptions
 from ...types import Chunk, Request, Response
@@ -38,7 +38,6 @@ from ._flows import FLOWS, Mode, run_flow
 
 logger = logging.getLogger("mantis_llm.fal")
 
-_UNSET: Any = object()
 _LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=100)
 _SHARD_CALLS = 16  # concurrent calls per pooled AsyncClient (see FalBackend._async_client)
 
@@ -167,7 +166,7 @@ class FalBackend(Backend):
         async_client: httpx.AsyncClient | None = None,
         upload_threshold: int = 1_000_000,
         image_options: ImageOptions | None = None,
-        image_short_side: int | None = _UNSET,
+        image_short_side: int | None = UNSET,
         with_logs: bool = False,
         extra_input: dict[str, Any] | None = None,
         max_concurrency: int = 16,
@@ -207,7 +206,7 @@ class FalBackend(Backend):
             async_client,
         )
         options = image_options or ImageOptions()
-        if image_short_side is not _UNSET:
+        if image_short_side is not UNSET:  # None disables downsizing
             options = replace(options, short_side=image_short_side)
         self.model = endpoint.strip("/")
         self.mode: Mode = mode

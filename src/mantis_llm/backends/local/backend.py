@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
 
-from ..._validate import check_option, is_number, is_positive_int
+from ..._validate import UNSET, check_option, is_number, is_positive_int
 from ...errors import BackendError, ConfigurationError, ContextLengthError
 from ...images import ImageOptions, load_pil
 from ...prompt import render
@@ -70,7 +70,7 @@ class TransformersBackend(Backend):
         trust_remote_code: bool = False,
         revision: str | None = None,
         image_options: ImageOptions | None = None,
-        image_short_side: int | None = None,
+        image_short_side: int | None = UNSET,
         max_batch_size: int = 8,
         batch_wait: float = 0.05,
         max_context: int | None = None,
@@ -130,7 +130,7 @@ class TransformersBackend(Backend):
                 value,
             )
         options = image_options or ImageOptions()
-        if image_short_side is not None:
+        if image_short_side is not UNSET:  # None disables downsizing
             options = replace(options, short_side=image_short_side)  # ImageOptions checks it
         self.model = os.fspath(model)
         self.device = device
