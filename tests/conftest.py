@@ -99,7 +99,7 @@ def loop_ticker() -> type[LoopTicker]:
 # ----------------------------------------------------------------------------- markers
 
 # Fixtures that load the tiny local model (torch): a test asking for one is ``local`` and ``slow``.
-LOCAL_FIXTURES = {"tiny_model", "local_backend", "limited_backend", "tiny_clip", "clip_backend", "backends"}
+LOCAL_FIXTURES = {"tiny_model", "local_backend", "limited_backend", "tiny_clip", "clip_backend", "backends", "tools_backend"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -307,5 +307,19 @@ def local_backend(tiny_model):
     from mantis_llm import TransformersBackend
 
     backend = TransformersBackend(model=tiny_model).load()
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="session")
+def tools_backend(tmp_path_factory):
+    """A loaded TransformersBackend on the tiny model with a 2,048-token context: its tokenizer
+    spends one token per byte, so a tool catalog and a conversation need more than 512."""
+    pytest.importorskip("torch", reason='needs the local extra: pip install "mantis-llm[local]"')
+    from mantis_llm import TransformersBackend
+    from mantis_llm.testing import build_tiny_mantis
+
+    path = build_tiny_mantis(tmp_path_factory.mktemp("tiny-mantis-2k") / "clip", max_position_embeddings=2048)
+    backend = TransformersBackend(model=path).load()
     yield backend
     backend.close()

@@ -14,6 +14,7 @@ from mantis_llm import tools
 from mantis_llm.errors import InvalidRequestError
 from mantis_llm.prompt import render
 from mantis_llm.tools import check_spec, parse_output
+from mantis_llm.tools._spec import closed_objects
 from mantis_llm.types import (
     Conversation,
     GenerationParams,
@@ -677,11 +678,15 @@ def test_response_schema_and_output_constraint():
     assert tools.output_constraint(Request(conv)) is None
     assert tools.output_constraint(Request(conv, tools=ToolSpec((MAGIC,), "none"))) is None
     auto = tools.output_constraint(Request(conv, tools=ToolSpec((MAGIC,))))
-    assert auto is not None and auto.text is True and auto.schema == tools.envelope_schema(ToolSpec((MAGIC,)))
+    # the grammar's schema closes every object that lists its properties (a model must not add keys)
+    assert auto is not None and auto.text is True
+    assert auto.schema == closed_objects(tools.envelope_schema(ToolSpec((MAGIC,))))
+    assert auto.schema["properties"]["arguments"]["additionalProperties"] is False
     forced = tools.output_constraint(Request(conv, tools=ToolSpec((MAGIC,), "required")))
     assert forced is not None and forced.text is False
     fmt = tools.output_constraint(Request(conv, response_format=ResponseFormat(joke)))
-    assert fmt is not None and fmt.text is False and fmt.schema == joke
+    assert fmt is not None and fmt.text is False and fmt.schema == {**joke, "additionalProperties": False}
+    assert tools.output_constraint(Request(conv, response_format=ResponseFormat())).schema == {"type": "object"}
     both = tools.output_constraint(Request(conv, tools=ToolSpec((MAGIC,)), response_format=ResponseFormat(joke)))
     assert both is not None and both.text is False
     v = Draft202012Validator(both.schema)

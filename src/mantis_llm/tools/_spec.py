@@ -291,4 +291,19 @@ def output_constraint(request: Request) -> OutputConstraint | None:
         parts.append(hoister.add(response_schema(catalog.fmt), f"{catalog.fmt.name}__response"))
     schema = parts[0] if len(parts) == 1 else {"anyOf": parts}
     text = calls and catalog.choice == "auto" and catalog.fmt is None
-    return OutputConstraint(hoister.wrap(schema), text)
+    return OutputConstraint(closed_objects(hoister.wrap(schema)), text)
+
+
+def closed_objects(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on every object that lists its
+    properties and says nothing about others. A grammar built from an open object lets a
+    model (a random one above all) add keys until ``max_tokens`` runs out; pydantic and
+    LangChain leave the keyword out. Validation still uses the tools' own schemas."""
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed_objects(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    return out

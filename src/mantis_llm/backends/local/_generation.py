@@ -39,8 +39,13 @@ def generate(st: Loaded, jobs: list[Job], model_name: str, generate_kwargs: dict
         inputs["pixel_values"] = torch.cat(pixels).to(st.device, st.model.dtype)
 
     first = jobs[0]
-    tracker = RowTracker(st, jobs, lambda *row: finish_row(model_name, *row))
+    grammar = None
+    if any(j.grammar is not None for j in jobs):  # one matcher per constrained row, None for free ones
+        grammar = st.grammar.processor([j.grammar.matcher() if j.grammar is not None else None for j in jobs])
+    tracker = RowTracker(st, jobs, lambda *row: finish_row(model_name, *row), grammar)
     gen_kwargs: dict[str, Any] = dict(generate_kwargs)
+    if grammar is not None:  # ours last: transformers applies temperature and top-p after it anyway
+        gen_kwargs["logits_processor"] = st.logits_list([*generate_kwargs.get("logits_processor", ()), grammar])
     gen_kwargs.update(
         max_new_tokens=max(j.max_new for j in jobs),
         pad_token_id=st.pad_id,
@@ -103,10 +108,17 @@ class RowTracker:
     engine the fal backend uses), fed with the decoded text minus an incomplete UTF-8 tail.
     """
 
-    def __init__(self, st: Loaded, jobs: list[Job], on_finish: Callable[[Job, list[int], str, str, int], None]) -> None:
+    def __init__(
+        self,
+        st: Loaded,
+        jobs: list[Job],
+        on_finish: Callable[[Job, list[int], str, str, int], None],
+        grammar: Any = None,
+    ) -> None:
         self.st = st
         self.rows = [Row(job, StopTrimmer(job.stops)) for job in jobs]
         self.on_finish = on_finish
+        self.grammar = grammar  # the batch's GrammarLogitsProcessor, if any row is constrained
 
     def _feed(self, row: Row, final: bool = False) -> str:
         """Decode the row, give the trimmer what is new; return the text now safe to stream.
@@ -120,6 +132,8 @@ class RowTracker:
 
     def finish(self, row: Row, reason: str) -> None:
         row.done = True
+        if self.grammar is not None:  # stop following the row (it gets pad tokens from now on)
+            self.grammar.finish_row(self.rows.index(row), row.ids)
         if not row.trimmer.stopped:
             self._feed(row, final=True)
         if row.trimmer.stopped:

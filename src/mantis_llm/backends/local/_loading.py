@@ -54,6 +54,8 @@ class Loaded:
     wrapper_tokens: int  # text tokens of "(image j: <Image>...</Image>) " around each image
     context: int
     stopping_list: Any  # transformers.StoppingCriteriaList
+    logits_list: Any  # transformers.LogitsProcessorList
+    grammar: Any  # a grammar.GrammarCompiler for this tokenizer (llguidance loads on first use)
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,8 @@ def load(s: LoadSettings) -> Loaded:
     wrapper = f"(image 1: <Image>{processor.image_token}</Image>) "
     wrapper_tokens = len(tokenizer(wrapper, add_special_tokens=False)["input_ids"]) - 1
     context = s.max_context or int(getattr(config.text_config, "max_position_embeddings", 4096))
+    from .grammar import GrammarCompiler  # no llguidance import until a grammar is compiled
+
     logger.info(
         "loaded %s on %s (%s, %d tokens per image, context %d)",
         s.model,
@@ -181,6 +185,8 @@ def load(s: LoadSettings) -> Loaded:
         wrapper_tokens=wrapper_tokens,
         context=context,
         stopping_list=tf.StoppingCriteriaList,
+        logits_list=tf.LogitsProcessorList,
+        grammar=GrammarCompiler(tokenizer, n_vocab=int(model.get_output_embeddings().weight.shape[0]), eos_ids=eos),
     )
 
 

@@ -47,6 +47,7 @@ class Job:
     stops: tuple[str, ...]
     sink: Callable[[Any], None] | None  # streaming: receives str pieces, then End
     request_id: str
+    grammar: Any = None  # a CompiledGrammar the row's output must follow, or None (free)
     future: Future[Any] = field(default_factory=Future)
     submitted: float = 0.0
     started: float = 0.0

@@ -24,6 +24,7 @@ from ..._validate import UNSET, check_option, is_number, is_positive_int
 from ...errors import BackendError, ConfigurationError, ContextLengthError
 from ...images import ImageOptions, load_pil
 from ...prompt import render
+from ...tools import output_constraint
 from ...types import Chunk, Request, Response, Update
 from .. import DEFAULT_LOCAL_MODEL
 from ..base import Backend, OnUpdate, require_request
@@ -241,6 +242,10 @@ class TransformersBackend(Backend):
             enc = st.processor(text=[rendered.text], images=pil or None, return_tensors="pt")
         except Exception as exc:  # images were validated already: this is unexpected
             raise BackendError(f"the processor failed on this request: {first_line(exc)}") from None
+        constraint = output_constraint(request)
+        grammar = None
+        if constraint is not None:  # compiled (and cached) here, so a bad schema fails before queueing
+            grammar = st.grammar.compile_schema(constraint.schema, allow_text=constraint.text)
         temperature = params.temperature
         return Job(
             input_ids=enc["input_ids"][0],
@@ -251,9 +256,11 @@ class TransformersBackend(Backend):
             temperature=temperature or None,
             top_p=params.top_p,
             seed=params.seed,
-            stops=tuple(params.stop or ()),
+            # a stop string must not cut JSON short: JSON-only rows end with their grammar
+            stops=tuple(params.stop or ()) if constraint is None or constraint.text else (),
             sink=sink,
             request_id=f"local-{uuid.uuid4().hex[:16]}",
+            grammar=grammar,
         )
 
     def _enqueue(self, jobs: Sequence[Job]) -> None:
@@ -279,6 +286,11 @@ class TransformersBackend(Backend):
         return _queued(made[0], on_update)
 
     # ------------------------------------------------------------------ public API
+
+    def enforces_format(self, request: Request) -> bool:
+        """Whether this backend guarantees the format ``request`` asks for (tool calls, a JSON
+        schema): it does, with a grammar per batch row, so the tool flow makes no repair retries."""
+        return output_constraint(request) is not None
 
     def generate(self, request: Request, *, on_update: OnUpdate | None = None) -> Response:
         """Run one request (batched with concurrent callers) and return its response."""

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...errors import ConfigurationError, InvalidRequestError
+from ._loading import INSTALL_HINT
 
 __all__ = [
     "JSON_SEPARATORS",
@@ -38,7 +39,6 @@ __all__ = [
     "lark_grammar",
 ]
 
-INSTALL_HINT = 'pip install "mantis-llm[local]"'
 
 #: The item and key separators of the JSON the grammar admits (``json.dumps(obj,
 #: separators=JSON_SEPARATORS)`` writes the same form: show the model examples in it).
