@@ -41,7 +41,8 @@ def generate(st: Loaded, jobs: list[Job], model_name: str, generate_kwargs: dict
     first = jobs[0]
     grammar = None
     if any(j.grammar is not None for j in jobs):  # one matcher per constrained row, None for free ones
-        grammar = st.grammar.processor([j.grammar.matcher() if j.grammar is not None else None for j in jobs])
+        matchers = [j.grammar.matcher() if j.grammar is not None else None for j in jobs]
+        grammar = st.grammar.processor(matchers, budgets=[j.max_new for j in jobs])
     tracker = RowTracker(st, jobs, lambda *row: finish_row(model_name, *row), grammar)
     gen_kwargs: dict[str, Any] = dict(generate_kwargs)
     if grammar is not None:  # ours last: transformers applies temperature and top-p after it anyway

@@ -161,6 +161,7 @@ class GrammarCompiler:
         self._lock = threading.Lock()
         self._lltokenizer: Any = None
         self._cache: OrderedDict[str, CompiledGrammar] = OrderedDict()
+        self._token_classes: Any = None
 
     @property
     def lltokenizer(self) -> Any:
@@ -230,14 +231,93 @@ class GrammarCompiler:
         """``compile(lark_grammar(schema, allow_text=allow_text))``."""
         return self.compile(lark_grammar(schema, allow_text=allow_text))
 
-    def processor(self, matchers: Sequence[Any | None]) -> GrammarLogitsProcessor:
-        """A :class:`GrammarLogitsProcessor` for one batch, with this compiler's vocabulary."""
-        return GrammarLogitsProcessor(matchers, n_vocab=self.n_vocab, eos_ids=self.eos_ids)
+    def processor(
+        self, matchers: Sequence[Any | None], budgets: Sequence[int | None] | None = None
+    ) -> GrammarLogitsProcessor:
+        """A :class:`GrammarLogitsProcessor` for one batch, with this compiler's vocabulary;
+        ``budgets[i]`` is row ``i``'s ``max_new_tokens`` (it closes its JSON in time)."""
+        return GrammarLogitsProcessor(
+            matchers, n_vocab=self.n_vocab, eos_ids=self.eos_ids, budgets=budgets, classes=self.token_classes
+        )
+
+    @property
+    def token_classes(self) -> TokenClasses:
+        """Which tokens close JSON, open it, or are blank (computed once, on first use)."""
+        if self._token_classes is None:
+            with self._lock:
+                if self._token_classes is None:
+                    self._token_classes = TokenClasses.of(self.tokenizer, self.n_vocab)
+        return self._token_classes
 
     @property
     def cached(self) -> int:
         """How many compiled grammars the cache holds."""
         return len(self._cache)
+
+
+@dataclass(frozen=True)
+class TokenClasses:
+    """What a row needs to close its JSON before its token budget runs out: each token's
+    text (to follow whether the row is inside a string), and bitmasks (one bit per token id)
+    of the tokens that end a string (``"`` then only ``"]}``), that close containers (only
+    ``]}``), that start JSON after optional blanks (``{``, ``[``), and blank ones."""
+
+    texts: tuple[str, ...]
+    quote_closers: Any  # numpy uint32 words
+    bracket_closers: Any
+    openers: Any
+    blanks: Any
+
+    @classmethod
+    def of(cls, tokenizer: Any, n_vocab: int) -> TokenClasses:
+        import numpy as np
+
+        words = (n_vocab + 31) // 32
+        names = ("quote_closers", "bracket_closers", "openers", "blanks")
+        masks = {name: np.zeros(words, dtype=np.uint32) for name in names}
+        texts = []
+        for t in range(min(len(tokenizer), n_vocab)):
+            text = tokenizer.decode([t])
+            texts.append(text)
+            name = None
+            if text[:1] == '"' and set(text) <= set('"]}'):
+                name = "quote_closers"
+            elif text and set(text) <= set("]}"):
+                name = "bracket_closers"
+            elif text.lstrip()[:1] in ("{", "["):
+                name = "openers"
+            elif text and not text.strip():
+                name = "blanks"
+            if name is not None:
+                masks[name][t >> 5] |= np.uint32(1 << (t & 31))
+        return cls(texts=tuple(texts), **masks)
+
+
+@dataclass
+class _JsonState:
+    """Where a row is in its JSON text: inside a string (after an unescaped quote) or not."""
+
+    started: bool | None = None  # None until the first visible token; False: a text answer
+    in_string: bool = False
+    escape: bool = False
+
+    def feed(self, text: str) -> None:
+        for c in text:
+            if self.in_string:
+                if self.escape:
+                    self.escape = False
+                elif c == "\\":
+                    self.escape = True
+                elif c == '"':
+                    self.in_string = False
+            elif c == '"':
+                self.in_string = True
+
+
+# A row whose JSON is not complete this close to its max_new_tokens prefers tokens that close
+# it (end a string, an array, an object): a grammar guarantees a valid prefix, and this makes
+# the whole value fit. It only cuts a string short that would otherwise be cut mid-way.
+CLOSING_RESERVE = 48  # tokens (at most half the budget)
 
 
 class GrammarLogitsProcessor:
@@ -258,7 +338,15 @@ class GrammarLogitsProcessor:
     seen by a later call); it returns whether they complete the grammar.
     """
 
-    def __init__(self, matchers: Sequence[Any | None], *, n_vocab: int, eos_ids: Iterable[int]) -> None:
+    def __init__(
+        self,
+        matchers: Sequence[Any | None],
+        *,
+        n_vocab: int,
+        eos_ids: Iterable[int],
+        budgets: Sequence[int | None] | None = None,
+        classes: TokenClasses | None = None,
+    ) -> None:
         import numpy as np
         import torch
 
@@ -284,6 +372,9 @@ class GrammarLogitsProcessor:
         self._mask_pos = [-1] * batch  # which position row i's current bitmask row is for
         self._prompt_len: int | None = None
         self._luts: dict[Any, Any] = {}
+        self._budgets = list(budgets) if budgets is not None else [None] * batch
+        self._classes = classes
+        self._json = [_JsonState() for _ in range(batch)]
         self.calls = 0
         self.seconds = 0.0  # time spent in this processor (benchmarks, logs)
         for m in self.matchers:
@@ -323,6 +414,14 @@ class GrammarLogitsProcessor:
                 self._live[i] = False
                 return
             self._pos[i] += 1
+            classes, state = self._classes, self._json[i]
+            if classes is not None and state.started is not False:
+                if state.started is None and self._has(classes.openers, t):
+                    state.started = True
+                elif state.started is None and not self._has(classes.blanks, t):
+                    state.started = False  # a text answer ("text or a call" grammars)
+                if state.started and t < len(classes.texts):
+                    state.feed(classes.texts[t])
             if m.is_stopped():  # complete: only EOS was allowed, and feeding it adds nothing
                 continue
             if not m.consume_token(t):  # cannot happen for an allowed token; be safe anyway
@@ -340,11 +439,30 @@ class GrammarLogitsProcessor:
         if not m.is_error():
             m.unsafe_compute_mask_ptr(self._np.ctypes.data + i * self._words * 4, self._words * 4)
             if row.any():
+                self._close_in_time(i, row)
                 return
         # a dead end: end the row with EOS rather than crash sampling, and feed the matcher
         # nothing more (EOS is not in its language here); accepted() stays False
         row[:] = self._eos_mask.view(row.dtype)
         self._live[i] = False
+
+    @staticmethod
+    def _has(words: Any, t: int) -> bool:
+        return bool((int(words[t >> 5]) >> (t & 31)) & 1)
+
+    def _close_in_time(self, i: int, row: Any) -> None:
+        """Near the end of row ``i``'s budget, keep only the allowed tokens that close its JSON
+        (when there are any: where a key or a value is still required, the grammar decides)."""
+        budget, classes, state = self._budgets[i], self._classes, self._json[i]
+        if budget is None or classes is None or state.started is False:
+            return
+        if budget - self._pos[i] > min(CLOSING_RESERVE, budget // 2):
+            return
+        # in a string: end it; else: close an array or object where the grammar allows it
+        closers = classes.quote_closers if state.in_string else classes.bracket_closers
+        closing = row & closers.view(row.dtype)
+        if closing.any():
+            row[:] = closing
 
     # ---------------------------------------------------------------- the batch
 
