@@ -99,7 +99,15 @@ def loop_ticker() -> type[LoopTicker]:
 # ----------------------------------------------------------------------------- markers
 
 # Fixtures that load the tiny local model (torch): a test asking for one is ``local`` and ``slow``.
-LOCAL_FIXTURES = {"tiny_model", "local_backend", "limited_backend", "tiny_clip", "clip_backend", "backends", "tools_backend"}
+LOCAL_FIXTURES = {
+    "tiny_model",
+    "local_backend",
+    "limited_backend",
+    "tiny_clip",
+    "clip_backend",
+    "backends",
+    "tools_backend",
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -828,9 +828,11 @@ def test_history_round_trips_through_the_parser():
 def test_tool_result_parts_header_text_and_images():
     img = Image("https://example.com/chart.png")
     parts = tools.tool_result_parts("get_chart", "call_abc", False, ["Here it is:", img, "done"])
-    assert parts == ['Tool result (tool "get_chart", id call_abc):\nHere it is:', img, "done"]
+    assert parts == ['Tool result (tool "get_chart", id call_abc):\n', "Here it is:", img, "done"]
     err = tools.tool_result_parts("get_weather", "call_x", True, "boom")
-    assert err == ['Tool result (tool "get_weather", id call_x, status: error):\nboom']
+    assert err == ['Tool result (tool "get_weather", id call_x, status: error):\n', "boom"]
+    # the header ends with a newline, so the prompt reads as if it were joined to the text
+    assert render(Conversation([Turn("user", err)])).text.endswith("status: error):\nboom</s>ASSISTANT:")
     assert tools.tool_result_parts(None, None, False, img) == ["Tool result:\n", img]
     assert tools.tool_result_parts("f", "1", False, ["", "  "]) == ['Tool result (tool "f", id 1):\n(no output)']
     turn = tools.tool_result_turn("get_chart", "call_abc", False, [img])

@@ -19,6 +19,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, Sys
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import ConfigurableField
+from langchain_core.tools import tool
 from langgraph.graph import END, START, MessagesState, StateGraph
 from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
@@ -163,7 +164,9 @@ def test_tool_message_observation_with_image(chat, emu, b64):
     ]
     chat.invoke(messages)
     prompt = last_payload(emu)["prompt"]
-    assert 'ASSISTANT: Tool call: zoom {"x": 1}</s>USER: Tool result: (zoom) <image>' in prompt
+    assert (
+        'ASSISTANT: {"name":"zoom","arguments":{"x":1}}</s>USER: Tool result (tool "zoom", id c1):\n<image>' in prompt
+    )
     assert len(last_payload(emu)["images"]) == 2
 
 
@@ -394,9 +397,17 @@ def test_bad_image_data_is_an_image_error_naming_message_and_block(chat, emu):
     assert emu.submissions == []
 
 
-def test_tool_binding_is_refused_with_a_pointer():
-    with pytest.raises(NotImplementedError, match="ReAct-style"):
-        ChatMantis(api_key="k").bind_tools([])
+def test_bind_tools_keeps_openai_dicts_and_checks_the_choice():
+    @tool
+    def zoom(factor: int) -> str:
+        """Zoom in."""
+        return "ok"
+
+    bound = ChatMantis(api_key="k").bind_tools([zoom], tool_choice="any")
+    assert bound.kwargs["tools"][0]["function"]["name"] == "zoom"  # what LangGraph reads
+    assert bound.kwargs["tool_choice"] == "required"
+    with pytest.raises(ValueError, match="zom"):
+        ChatMantis(api_key="k").bind_tools([zoom], tool_choice="zom")
 
 
 # ------------------------------------------------------------------ LCEL
@@ -443,8 +454,10 @@ def test_structured_output_pydantic(chat, emu):
     msg = looks_at("Caption this.", {"type": "image", "url": URL_A})
     assert structured.invoke([msg]) == Caption(subject="a square", colours=["red", "white"])
     prompt = last_payload(emu)["prompt"]
-    assert prompt.startswith("Caption this. <image>\n\nAnswer with a single JSON object")
-    schema = json.loads(prompt.split("code fences):\n", 1)[1])
+    # the instruction leads (the system slot), the user turn ends with a reminder
+    assert prompt.startswith("Reply with only a JSON value that matches this JSON schema, and nothing else:\n")
+    assert prompt.endswith("Caption this. <image>\n\n(Reply with only the JSON.)")
+    schema = json.loads(prompt.split("nothing else:\n", 1)[1].split("\n\n", 1)[0])
     assert schema["properties"].keys() == {"subject", "colours"}
     assert structured.invoke([msg]).colours == ["red", "white"]  # code fences are tolerated
 
@@ -456,19 +469,23 @@ def test_structured_output_typeddict_json_mode_and_streaming(chat, emu):
     json_mode = chat.with_structured_output(method="json_mode")
     assert json_mode.invoke([msg]) == json.loads(CAPTION_JSON)
     prompt = last_payload(emu)["prompt"]
-    assert "Answer with a single JSON object and nothing else" in prompt and "schema" not in prompt
+    assert prompt.startswith("Reply with only a JSON object, and nothing else.") and "schema" not in prompt
     chunks = list(chat.with_structured_output(Caption).stream([msg]))
     assert chunks and chunks[-1] == Caption(subject="a square", colours=["red", "white"])
 
 
 def test_structured_output_bad_json(chat, emu):
-    emu.script(["Sorry, I cannot see a caption.", "still no json"])
+    # each call gets two repair turns (the bad answer and what was wrong fed back), then gives up
+    emu.script(["Sorry, I cannot see a caption.", "still no json", "no"] + ["x", "y", "still no json"])
     msg = looks_at("Caption this.", {"type": "image", "url": URL_A})
     with pytest.raises(OutputParserException):
         chat.with_structured_output(Caption).invoke([msg])
+    assert len(emu.submissions) == 3
+    assert "still no json" in emu.submissions[2].payload["prompt"]  # the bad answer, fed back
     raw = chat.with_structured_output(Caption, include_raw=True).invoke([msg])
     assert raw["parsed"] is None and isinstance(raw["parsing_error"], OutputParserException)
     assert isinstance(raw["raw"], AIMessage) and raw["raw"].content == "still no json"
+    assert raw["raw"].response_metadata["metrics"]["tool_attempts"] == 3
 
 
 def test_structured_output_argument_errors():

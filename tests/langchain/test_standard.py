@@ -4,14 +4,12 @@
 Everything runs offline: the suites' image downloads are served by the ``offline_images``
 fixture (conftest.py), and the fal emulator never fetches image URLs.
 
-Overridden standard tests (each marked xfail, as langchain-tests requires) and switched-off
-capabilities, with the reason for each:
+Tool calling is on (``bind_tools`` with ``tool_choice``). Against the emulator the answers are
+scripted from the prompt the model is sent (:func:`emulator_answers`): a call of the tool the
+instruction names, with arguments taken from the question, 7B habits included (prose around
+it, a code fence, a number in quotes), which the parser must repair. Overridden standard tests
+(each marked xfail, as langchain-tests requires) and switched-off capabilities:
 
-- ``has_tool_calling = False``: Mantis cannot call tools. ``bind_tools`` is overridden only
-  to raise NotImplementedError with a pointer to ReAct-style agents, which would make the
-  suite believe tools are supported. (``supports_image_tool_message`` and
-  ``supports_anthropic_inputs`` stay False because those tests call ``bind_tools``; our own
-  tests cover tool messages with images and Anthropic image blocks.)
 - ``returns_usage_metadata``: False for fal, True for the local model. fal's endpoint
   returns no token counts and we do not invent them; the local backend counts real tokens.
 - ``test_serdes`` (unit): ChatMantis serializes (secrets as references) and loads back with
@@ -19,14 +17,18 @@ capabilities, with the reason for each:
   ``allowed_objects="all"``, which langchain-core limits to classes in its own
   serialization mapping, so no third-party model can pass it (see test_chat_mantis.py for
   the round trip we do check).
-- Local model: the structured-output and JSON-mode tests need an answer that is valid JSON
-  of a joke; a random-weight model emits random bytes, so these fail by construction. The
-  same tests pass against the emulator, which answers them with scripted JSON.
+- Local model: the grammar guarantees every call and structured answer parses, so the
+  structured-output and JSON-mode tests pass on random weights; the tests that need the
+  model's judgement (the right arguments, a Chinese name copied from the question, calling a
+  tool when it may answer in text) are marked with that reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -42,15 +44,12 @@ JOKE = json.dumps({"setup": "Why did the cat sit on the computer?", "punchline":
 
 
 class ChatMantisSuite:
-    """What every suite below says of ChatMantis: the class, and no tool calling."""
+    """What every suite below says of ChatMantis: the class (tool calling and tool_choice are
+    detected from bind_tools, which ChatMantis implements)."""
 
     @property
     def chat_model_class(self) -> type[ChatMantis]:
         return ChatMantis
-
-    @property
-    def has_tool_calling(self) -> bool:
-        return False
 
 
 class TestChatMantisUnit(ChatMantisSuite, ChatModelUnitTests):
@@ -99,6 +98,14 @@ class ChatMantisIntegration(ChatMantisSuite, ChatModelIntegrationTests):
     def supports_json_mode(self) -> bool:
         return True
 
+    @property
+    def supports_image_tool_message(self) -> bool:
+        return True
+
+    @property
+    def supports_anthropic_inputs(self) -> bool:
+        return True
+
 
 # ------------------------------------------------------------------ fal (emulator)
 
@@ -121,7 +128,7 @@ class PictureForTextOnly(Backend):
         turns = [Turn(t.role, list(t.parts)) for t in conv.turns]
         first_user = next(t for t in turns if t.role == "user")
         first_user.parts.insert(0, Image(self.picture))
-        return Request(Conversation(turns), request.params)
+        return replace(request, conversation=Conversation(turns))  # tools and format kept
 
     def generate(self, request, *, on_update=None):
         return self.inner.generate(self._with_picture(request), on_update=on_update)
@@ -140,8 +147,47 @@ class PictureForTextOnly(Backend):
 
 
 def emulator_answers(payload: Any) -> str | None:
-    """Scripted answers: a joke as JSON when the prompt asks for JSON, else the fake model."""
-    return JOKE if "JSON" in str(payload.get("prompt", "")) else None
+    """What the scripted "model" answers, from the prompt it is sent: after a tool result, a
+    text answer; where tools are offered, a call of the tool the instruction names (or the one
+    the question mentions) with arguments from the question; where JSON is asked for, a joke.
+    Calls come with a small model's habits: prose before them, a code fence, quoted numbers."""
+    prompt = str(payload.get("prompt", ""))
+    body = prompt.rsplit("\n\n(Reply with only", 1)[0]  # without the reminder line
+    question = body.rsplit("USER: ", 1)[-1] if "USER: " in body else body.rsplit("\n\n", 1)[-1]
+    tools = {t["name"]: t for t in _offered_tools(prompt)}
+    if tools and "Tool result" in question:
+        return "The tool says it is done: 3."
+    if tools and ("You must call" in prompt or "call a tool" in prompt):
+        forced = re.search(r'You must call the tool "([^"]+)"', prompt)
+        name = forced.group(1) if forced else next((n for n in tools if n in question), next(iter(tools)))
+        args = {k: _argument(k, v, question) for k, v in tools[name]["parameters"].get("properties", {}).items()}
+        call = json.dumps({"name": name, "arguments": args}, ensure_ascii=False)
+        return f"Sure, I will use {name}.\n```json\n{call}\n```"
+    if "JSON" in prompt:
+        return JOKE
+    return None
+
+
+def _offered_tools(prompt: str) -> list[dict]:
+    """The tool catalog lines of the instruction (one compact JSON object per line)."""
+    out = []
+    for line in prompt.splitlines():
+        if line.startswith('{"name":') and '"parameters"' in line:
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+    return out
+
+
+def _argument(name: str, schema: dict, question: str) -> Any:
+    """A value for one argument: a number from the question (quoted, as 7B models do), a
+    quoted name from it, or a word."""
+    if schema.get("type") in ("integer", "number"):
+        found = re.findall(r"\d+", question)
+        return found[0] if found else "1"  # the string "3": the parser coerces it losslessly
+    quoted = re.findall(r"'([^']+)'", question)
+    if quoted:
+        return quoted[0]
+    return {"location": "San Francisco, CA"}.get(name, "formal")
 
 
 @pytest.fixture(scope="module")
@@ -170,39 +216,50 @@ class TestChatMantisFalIntegration(ChatMantisIntegration):
 
 # ------------------------------------------------------------------ local (tiny random model)
 
-_RANDOM_JSON = (
-    "a random-weight model answers random bytes, never the JSON joke this test parses "
-    "(passes against the emulator, which answers with JSON)"
+_JUDGEMENT = (
+    "needs the model's judgement, which random weights do not have: the grammar makes every "
+    "call parse and match the tool's schema, not pick the right values or choose to call"
 )
 
 
 @pytest.mark.local  # the backend fixture is looked up by name, so the marker is set here
 class TestChatMantisLocalIntegration(ChatMantisIntegration):
-    backend_fixture = "local_backend"
-    extra_params = {"max_tokens": 12}
+    # the 2,048-token tiny model (its byte tokenizer spends a token per character of the tool
+    # catalog); 64 new tokens leave a JSON answer room to close (the grammar sees to it)
+    backend_fixture = "tools_backend"
+    extra_params = {"max_tokens": 64}
 
     @property
     def returns_usage_metadata(self) -> bool:
         return True
 
-    @pytest.mark.xfail(strict=True, reason=_RANDOM_JSON)
-    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
-    def test_structured_output(self, model, schema_type) -> None:
-        super().test_structured_output(model, schema_type)
+    @pytest.mark.xfail(strict=True, reason=_JUDGEMENT + " (args must be exactly {'input': 3})")
+    @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
+    def test_tool_calling(self, model) -> None:
+        super().test_tool_calling(model)
 
-    @pytest.mark.xfail(strict=True, reason=_RANDOM_JSON)
-    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
-    async def test_structured_output_async(self, model, schema_type) -> None:
-        await super().test_structured_output_async(model, schema_type)
+    @pytest.mark.xfail(strict=True, reason=_JUDGEMENT + " (args must be exactly {'input': 3})")
+    @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
+    async def test_tool_calling_async(self, model) -> None:
+        await super().test_tool_calling_async(model)
 
-    @pytest.mark.xfail(strict=True, reason=_RANDOM_JSON)
-    def test_structured_output_pydantic_2_v1(self, model) -> None:
-        super().test_structured_output_pydantic_2_v1(model)
+    @pytest.mark.xfail(strict=True, reason=_JUDGEMENT + " (the customer name must be copied from the question)")
+    def test_unicode_tool_call_integration(self, model, *, tool_choice=None, force_tool_call=True) -> None:
+        super().test_unicode_tool_call_integration(model, tool_choice=tool_choice, force_tool_call=force_tool_call)
 
-    @pytest.mark.xfail(strict=True, reason=_RANDOM_JSON)
-    def test_structured_output_optional_param(self, model) -> None:
-        super().test_structured_output_optional_param(model)
+    @pytest.mark.xfail(strict=True, reason=_JUDGEMENT + " (tool_choice is auto: it may answer in text)")
+    @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
+    def test_agent_loop(self, model) -> None:
+        super().test_agent_loop(model)
 
-    @pytest.mark.xfail(strict=True, reason=_RANDOM_JSON)
+    @pytest.mark.xfail(strict=True, reason=_JUDGEMENT + " (the greeting style must be a non-empty string)")
+    def test_bind_runnables_as_tools(self, model) -> None:
+        super().test_bind_runnables_as_tools(model)
+
+    @pytest.mark.xfail(
+        strict=True,
+        reason="json_mode asks for any JSON object (the schema is not shown or enforced, as in OpenAI's "
+        "JSON mode): the grammar makes it an object, the joke's keys are the model's judgement",
+    )
     def test_json_mode(self, model) -> None:
         super().test_json_mode(model)

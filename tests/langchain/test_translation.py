@@ -145,22 +145,30 @@ def test_roles_and_one_turn_per_message(b64):
     assert len(conv.images) == 2
 
 
-def test_ai_tool_calls_are_written_out_and_reasoning_dropped():
+def test_ai_tool_calls_are_written_as_the_json_the_model_writes_and_reasoning_dropped():
     ai = AIMessage(
         content=[{"type": "reasoning", "reasoning": "secret thoughts"}, {"type": "text", "text": "Let me look."}],
         tool_calls=[{"name": "zoom", "args": {"factor": 2}, "id": "c1", "type": "tool_call"}],
     )
     turn = messages_to_conversation([HumanMessage("hi"), ai]).turns[1]
-    text = turn.text
-    assert "Let me look." in text and 'Tool call: zoom {"factor": 2}' in text
-    assert "secret thoughts" not in text
+    assert turn.role == "assistant" and turn.text == 'Let me look.\n{"name":"zoom","arguments":{"factor":2}}'
+    assert "secret thoughts" not in turn.text
     broken = AIMessage(
-        content=[{"type": "invalid_tool_call", "name": "zoom", "args": "{factor: 2", "id": "c2", "error": "bad json"}]
+        content="", invalid_tool_calls=[{"name": "zoom", "args": "{factor: 2", "id": "c2", "error": "bad"}]
     )
-    assert "Tool call: zoom {factor: 2" in messages_to_conversation([broken]).turns[0].text
+    assert messages_to_conversation([broken]).turns[0].text == '{"name":"zoom","arguments":"{factor: 2"}'
+    # Anthropic's tool_use block in the content is the same call: shown once, from tool_calls
+    anthropic = AIMessage(
+        content=[
+            {"type": "text", "text": "On it."},
+            {"type": "tool_use", "id": "c3", "name": "zoom", "input": {"factor": 3}},
+        ],
+        tool_calls=[{"name": "zoom", "args": {"factor": 3}, "id": "c3", "type": "tool_call"}],
+    )
+    assert messages_to_conversation([anthropic]).turns[0].text == 'On it.\n{"name":"zoom","arguments":{"factor":3}}'
 
 
-def test_tool_message_becomes_a_user_observation_with_images(b64, png_bytes):
+def test_tool_message_becomes_a_user_turn_naming_tool_and_call_with_its_images(b64, png_bytes):
     tool = ToolMessage(
         content=[{"type": "text", "text": "zoomed:"}, {"type": "image", "base64": b64, "mime_type": "image/png"}],
         tool_call_id="c1",
@@ -168,10 +176,12 @@ def test_tool_message_becomes_a_user_observation_with_images(b64, png_bytes):
     )
     turn = messages_to_conversation([tool]).turns[0]
     assert turn.role == "user"
-    assert turn.parts[0] == "Tool result: (zoom)"
-    assert turn.parts[1] == "zoomed:" and turn.parts[2].data == png_bytes
-    failed = messages_to_conversation([ToolMessage("boom", tool_call_id="c2", status="error")]).turns[0]
-    assert failed.parts == ["Tool error:", "boom"]
+    assert turn.parts[:2] == ['Tool result (tool "zoom", id c1):\n', "zoomed:"]
+    assert turn.parts[2].data == png_bytes
+    # no name on the ToolMessage: taken from the AI message that made the call
+    call = AIMessage("", tool_calls=[{"name": "zoom", "args": {}, "id": "c2", "type": "tool_call"}])
+    failed = messages_to_conversation([call, ToolMessage("boom", tool_call_id="c2", status="error")]).turns[1]
+    assert failed.parts == ['Tool result (tool "zoom", id c2, status: error):\n', "boom"]
 
 
 # ------------------------------------------------------------------ errors

@@ -24,6 +24,7 @@ from llama_index.core.callbacks import CallbackManager, CBEventType, LlamaDebugH
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.llms import LLM
+from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.multi_modal_llms import MultiModalLLM, MultiModalLLMMetadata
 from llama_index.core.schema import ImageDocument, ImageNode
 
@@ -50,13 +51,13 @@ def user(*blocks) -> ChatMessage:
 
 
 def test_mro_class_name_and_metadata():
-    assert {BaseLLM, LLM} <= set(Mantis.__mro__)
+    assert {BaseLLM, LLM, FunctionCallingLLM} <= set(Mantis.__mro__)
     assert MultiModalLLM in MantisMultiModal.__mro__ and LLM not in MantisMultiModal.__mro__
     assert "multi" in Mantis.class_name() and "multi" in MantisMultiModal.class_name()
     assert Mantis.class_name() != MantisMultiModal.class_name()
     meta = Mantis(max_tokens=99).metadata
     assert (meta.model_name, meta.context_window, meta.num_output) == ("fal-ai/mantis-llava-7b-v11", 4096, 99)
-    assert meta.is_chat_model and not meta.is_function_calling_model
+    assert meta.is_chat_model and meta.is_function_calling_model  # tools in the prompt
     mmeta = MantisMultiModal(model="me/app", context_window=8192).metadata
     assert isinstance(mmeta, MultiModalLLMMetadata)
     assert (mmeta.model_name, mmeta.context_window, mmeta.num_output) == ("me/app", 8192, 256)

@@ -26,7 +26,6 @@ from llama_index.core.schema import ImageDocument, ImageNode
 
 from mantis_llm.errors import ImageError, InvalidRequestError
 from mantis_llm.llama_index import (
-    TOOL_PREFIX,
     image_block_to_image,
     prompt_messages,
     to_conversation,
@@ -81,12 +80,17 @@ def test_role_synonyms(role, expected):
 
 
 @pytest.mark.parametrize("role", [MessageRole.TOOL, MessageRole.FUNCTION])
-def test_tool_results_become_prefixed_user_turns(role):
+def test_tool_results_become_user_turns_naming_the_tool_and_call(role):
+    call = ChatMessage(
+        role="assistant", blocks=[ToolCallBlock(tool_call_id="call_1", tool_name="add", tool_kwargs={"a": 1})]
+    )
     msg = ChatMessage(role=role, content="42", additional_kwargs={"tool_call_id": "call_1"})
-    turn = to_conversation([ChatMessage(content="q"), msg]).turns[1]
+    conv = to_conversation([ChatMessage(content="q"), call, msg])
+    assert conv.turns[1].role == "assistant" and conv.turns[1].text == '{"name":"add","arguments":{"a":1}}'
+    turn = conv.turns[2]
     assert turn.role == "user"
-    assert turn.parts == [f"{TOOL_PREFIX} (call_1)", "42"]
-    assert "Tool result: (call_1) 42" in render(to_conversation([msg]), mode="fal").text
+    assert turn.parts == ['Tool result (tool "add", id call_1):\n', "42"]
+    assert "Tool result (id call_1):\n42" in render(to_conversation([msg]), mode="fal").text  # no call to name it
 
 
 def test_every_image_block_source(tmp_path, png_bytes):
@@ -148,7 +152,7 @@ def test_data_uris_are_decoded_lazily_by_the_core():
         AudioBlock(audio=b"RIFF....WAVEfmt ", format="wav"),
         VideoBlock(url="https://example.com/v.mp4"),
         DocumentBlock(data=b"%PDF-1.4 hello", document_mimetype="application/pdf"),
-        ToolCallBlock(tool_name="search", tool_kwargs={"q": "x"}),
+        ToolCallBlock(tool_name="search", tool_kwargs={"q": "x"}),  # a call in a user message
     ],
 )
 def test_unsupported_blocks_name_block_and_message(block):

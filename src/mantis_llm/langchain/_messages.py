@@ -11,7 +11,6 @@ your own code.
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import Sequence
 from typing import Any, Literal, cast
 
@@ -25,20 +24,31 @@ from langchain_core.messages import (
     ToolMessage,
 )
 
+from .. import tools
 from ..errors import ImageError, InvalidRequestError
 from ..types import Conversation, Image, Turn
 
 _TOOL_CALL_BLOCKS = ("tool_call", "tool_call_chunk", "invalid_tool_call", "server_tool_call")
+# Provider forms inside an AI message's content that LangChain keeps as non_standard: a call
+# (message.tool_calls holds it too) or hidden reasoning (not part of the dialogue)
+_SKIPPED_IN_AI = ("tool_use", "function_call", "server_tool_use", "thinking", "redacted_thinking")
 
 
 def to_conversation(messages: Sequence[BaseMessage]) -> Conversation:
     """Translate LangChain messages into a :class:`~mantis_llm.types.Conversation`.
 
     One turn per message (so "message N" in error labels is the N-th message, from 1),
-    text and images kept in their order. Raises :class:`InvalidRequestError` (or
-    :class:`ImageError`) naming the message and block for anything Mantis cannot read.
+    text and images kept in their order. An ``AIMessage``'s ``tool_calls`` (and
+    ``invalid_tool_calls``) are shown to the model in the JSON it is asked to write; a
+    ``ToolMessage`` becomes a user turn naming the tool and the call id, its images kept.
+    Raises :class:`InvalidRequestError` (or :class:`ImageError`) naming the message and
+    block for anything Mantis cannot read.
     """
-    return Conversation([_to_turn(message, i) for i, message in enumerate(messages, 1)])
+    names: dict[str, str] = {}  # tool call id -> tool name, for ToolMessages that omit the name
+    turns = []
+    for i, message in enumerate(messages, 1):
+        turns.append(_to_turn(message, i, names))
+    return Conversation(turns)
 
 
 def _role(message: BaseMessage, i: int) -> Literal["system", "user", "assistant", "tool"]:
@@ -58,13 +68,9 @@ def _role(message: BaseMessage, i: int) -> Literal["system", "user", "assistant"
     raise InvalidRequestError(f"message {i}: {type(message).__name__} is not supported by Mantis")
 
 
-def _to_turn(message: BaseMessage, i: int) -> Turn:
+def _to_turn(message: BaseMessage, i: int, names: dict[str, str]) -> Turn:
     role = _role(message, i)
     parts: list[str | Image] = []
-    if role == "tool":
-        name = getattr(message, "name", None)
-        label = "Tool error" if getattr(message, "status", None) == "error" else "Tool result"
-        parts.append(f"{label}: ({name})" if name else f"{label}:")
     for j, standard in enumerate(message.content_blocks, 1):
         where = f"message {i}, block {j}"
         block = cast(dict[str, Any], standard)  # a TypedDict union; read as a plain dict
@@ -74,19 +80,18 @@ def _to_turn(message: BaseMessage, i: int) -> Turn:
             url = value.get("image_url") if value.get("type") == "image_url" else None
             if isinstance(url, str):
                 block, kind = {"type": "image", "url": url}, "image"
+            elif role == "assistant" and value.get("type") in _SKIPPED_IN_AI:
+                continue
             else:
                 kind = value.get("type") or "unknown"
                 raise InvalidRequestError(f"{where}: {kind!r} blocks are not supported by Mantis")
         if kind == "text" or (kind == "text-plain" and isinstance(block.get("text"), str)):
             if block.get("text"):
                 parts.append(block["text"])
-        elif role == "assistant" and kind in _TOOL_CALL_BLOCKS:
-            args = block.get("args") or {}
-            if not isinstance(args, str):  # invalid_tool_call / chunks carry the raw string
-                args = json.dumps(args, ensure_ascii=False, default=str)
-            parts.append(f"\nTool call: {block.get('name')} {args}\n")
-        elif role == "assistant" and kind == "reasoning":
-            continue  # another model's hidden reasoning is not part of the dialogue
+        elif role == "assistant" and kind in (*_TOOL_CALL_BLOCKS, "reasoning"):
+            # calls: message.tool_calls is the source of truth (rendered below); reasoning:
+            # another model's hidden thoughts are not part of the dialogue
+            continue
         elif kind == "image" and role != "assistant":
             parts.append(_image(block, where))
         elif kind == "image":
@@ -99,7 +104,18 @@ def _to_turn(message: BaseMessage, i: int) -> Turn:
             )
         else:
             raise InvalidRequestError(f"{where}: {kind!r} blocks are not supported by Mantis")
-    return Turn("user" if role == "tool" else role, parts)
+    if isinstance(message, AIMessage) and (message.tool_calls or message.invalid_tool_calls):
+        calls = [*message.tool_calls, *message.invalid_tool_calls]
+        for call in calls:
+            if call.get("id") and call.get("name"):
+                names[str(call["id"])] = str(call["name"])
+        text = "".join(p for p in parts if isinstance(p, str))
+        return tools.tool_calls_turn(cast(list[Any], calls), text)
+    if role == "tool":
+        call_id = getattr(message, "tool_call_id", None)
+        name = getattr(message, "name", None) or (names.get(call_id) if call_id else None)
+        return tools.tool_result_turn(name, call_id, getattr(message, "status", None) == "error", parts)
+    return Turn(role, parts)
 
 
 def _image(block: dict[str, Any], where: str) -> Image:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from operator import itemgetter
 from typing import Any, Literal, cast
@@ -13,36 +12,178 @@ from langchain_core.language_models.model_profile import ModelProfile
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.tools import BaseTool
 from langchain_core.utils import secret_from_env
-from langchain_core.utils.function_calling import convert_to_json_schema
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
+from .. import tools as mantis_tools
 from .._adapter import BackendSlot, build_backend, check_backend, check_fields, typed_errors
 from ..backends import DEFAULT_FAL_ENDPOINT, Backend, resolve_model
 from ..errors import InvalidRequestError
-from ..types import Conversation, GenerationParams, Request, Response, Turn, Update
+from ..types import GenerationParams, Request, Response, Update
 from ._callbacks import aupdate_sender, update_sender
 from ._messages import to_conversation
+from ._tools import invalid_tool_calls, response_format, tool_call_chunks, tool_calls, tool_spec
 
 MAX_INPUT_TOKENS = 4096  # Mantis-llava-7b context (576 tokens per image)
 _PROVIDERS = {"fal": "fal", "local": "transformers"}
 _CALL_PARAMS = ("max_tokens", "temperature", "top_p", "seed")
 
 
-def _json_instruction(schema: dict[str, Any] | None) -> str:
-    if schema is None:
-        return "Answer with a single JSON object and nothing else: no prose, no code fences."
-    return (
-        "Answer with a single JSON object that conforms to this JSON schema, and nothing else "
-        f"(no prose, no code fences):\n{json.dumps(schema, ensure_ascii=False)}"
-    )
-
-
 class ChatMantis(BaseChatModel):
-    """CLASS_DOCSTRING"""
+    """Mantis (TIGER-Lab's interleaved multi-image LLaVA) as a LangChain chat model.
+
+    Several images per turn, anywhere in the text, in any message; on fal (the hosted
+    endpoint, default), in-process with transformers, or on a server of your own.
+
+    Setup:
+        Install ``mantis-llm`` with the LangChain extra and set your fal key:
+
+        .. code-block:: bash
+
+            pip install -U "mantis-llm[langchain]"
+            export FAL_KEY="..."
+
+        (``mantis-llm[local]`` runs the model in this process instead: ``backend="local"``.)
+
+    Key init args — completion params:
+        model: str
+            fal endpoint id (default ``fal-ai/mantis-llava-7b-v11``), or with
+            ``backend="local"`` a Hub id or local path (default ``TIGER-Lab/Mantis-llava-7b``).
+        max_tokens: int | None
+            Most tokens to generate.
+        temperature: float | None
+            Sampling temperature in [0, 2]; None or 0 is greedy.
+        top_p, stop, seed:
+            Nucleus sampling, stop sequences (cut by us on every backend), sampling seed.
+
+    Key init args — client params:
+        backend: "fal" | "local" | Backend
+            Where the model runs; a :class:`~mantis_llm.backends.Backend` instance is shared.
+        api_key: SecretStr | None
+            The fal key (alias ``fal_key``); default ``FAL_KEY``.
+        timeout, max_retries:
+            The whole call's limit on fal (default 600 s) and retries per HTTP step (5).
+        backend_options: dict
+            More backend options (fal: ``mode``, ``queue_url``, ``with_logs``...; local:
+            ``device``, ``dtype``...). A misspelt option is an error at construction.
+
+    Instantiate:
+        .. code-block:: python
+
+            from mantis_llm.langchain import ChatMantis
+
+            llm = ChatMantis(max_tokens=256, temperature=0)
+
+    Invoke:
+        .. code-block:: python
+
+            from langchain_core.messages import HumanMessage
+
+            messages = [HumanMessage(content=[
+                {"type": "image", "url": "https://example.com/house_day.jpg"},
+                {"type": "image", "url": "https://example.com/house_night.jpg"},
+                {"type": "text", "text": "What changed between the two pictures?"},
+            ])]
+            llm.invoke(messages)
+
+        .. code-block:: python
+
+            AIMessage(content='The first picture shows the house by day; in the second it is
+            night and the windows are lit.', response_metadata={'model_name':
+            'fal-ai/mantis-llava-7b-v11', 'model_provider': 'fal', 'request_id': 'd90dcb72-...',
+            'metrics': {'retries': 0, 'status_transport': 'sse', 'queue_time': 0.0014,
+            'inference_time': 0.0104, 'elapsed': 0.1241, ...}}, id='lc_run--...')
+
+    Stream:
+        .. code-block:: python
+
+            for chunk in llm.stream(messages):
+                print(chunk.content, end="|")
+
+        .. code-block:: none
+
+            The first picture| shows the house| by day; in| the second it| is night and| ...
+
+        (On fal, tokens stream with ``backend_options={"mode": "stream"}``; the queue mode
+        gives the whole answer as one chunk.)
+
+    Async:
+        .. code-block:: python
+
+            await llm.ainvoke(messages)
+            async for chunk in llm.astream(messages): ...
+            await llm.abatch([messages, messages])  # concurrent
+
+    Image input:
+        Every image block LangChain users send: v1 ``{"type": "image", "url" | "base64"}``,
+        the older ``source_type`` blocks, OpenAI ``image_url`` (URL or data URI), Anthropic
+        ``source`` blocks. A file, bytes or a PIL image: :func:`mantis_llm.langchain.image_block`.
+
+        .. code-block:: python
+
+            from mantis_llm.langchain import image_block
+
+            llm.invoke([HumanMessage(content=[image_block("day.png"), image_block(pil_image),
+                                              "Which one was taken at night?"])])
+
+    Tool calling:
+        .. code-block:: python
+
+            from langchain_core.tools import tool
+
+            @tool
+            def get_weather(city: str) -> str:
+                '''The current weather in a city.'''
+
+            llm.bind_tools([get_weather]).invoke(...).tool_calls
+
+        .. code-block:: python
+
+            [{'name': 'get_weather', 'args': {'city': 'Paris'}, 'id': 'call_32fbff8d...',
+              'type': 'tool_call'}]
+
+        Mantis has no native function calling: the tools go in the prompt and the answer is
+        parsed and validated (the local backend's grammar guarantees the format; the model's
+        judgement of when and which tool to call stays a 7B model's). Works with
+        ``create_agent`` and LangGraph's prebuilt agent.
+
+    Structured output:
+        .. code-block:: python
+
+            from pydantic import BaseModel
+
+            class Change(BaseModel):
+                '''What changed between two pictures.'''
+                what: str
+                lights_on: bool
+
+            llm.with_structured_output(Change).invoke(messages)
+
+        .. code-block:: python
+
+            Change(what='day became night', lights_on=True)
+
+    Response metadata:
+        ``model_name``, ``model_provider`` ("fal" / "transformers"), ``finish_reason`` (fal
+        reports none: "stop" when our stop sequence cut the text, "tool_calls" after a call),
+        ``request_id``, and the backend's ``metrics`` (retries, queue and inference time).
+
+    Token usage:
+        ``usage_metadata`` on the local backend (real token counts); absent on fal, whose
+        endpoint reports none (we do not invent them).
+
+    The outputs above come from a run against :class:`mantis_llm.testing.FalEmulator` with
+    scripted answers (real HTTP, canned text): what Mantis says differs, the shapes do not.
+    The backend is built on first use and reused; :meth:`close` / :meth:`aclose` release it.
+    A bad constructor argument raises :class:`~mantis_llm.errors.ConfigurationError` naming
+    each field; a bad per-call value, :class:`~mantis_llm.errors.InvalidRequestError`.
+    """
 
     model_config = ConfigDict(extra="forbid")  # a misspelt argument is an error, not ignored
 
@@ -141,7 +282,14 @@ class ChatMantis(BaseChatModel):
             video_inputs=False,
             text_outputs=True,
             image_outputs=False,
-            tool_calling=False,
+            # tools are described in the prompt and parsed from the answer (a grammar on the
+            # local backend); create_agent then sends tool_choice="any" for response_format
+            tool_calling=True,
+            tool_choice=True,
+            tool_call_streaming=True,
+            image_tool_message=True,
+            # False on purpose: create_agent(response_format=...) then uses its tool strategy,
+            # the path that retries on a validation error (its provider strategy does not)
             structured_output=False,
             open_weights=True,
         )
@@ -210,31 +358,20 @@ class ChatMantis(BaseChatModel):
             raise InvalidRequestError(
                 f"per-call model override ({model!r}) is not supported: create another ChatMantis"
             )
-        response_format = kwargs.pop("response_format", None)
+        kwargs.pop("ls_structured_output_format", None)  # LangChain's tracing metadata
+        bound = kwargs.pop("tools", None)
+        tool_choice = kwargs.pop("tool_choice", None)
+        parallel = kwargs.pop("parallel_tool_calls", None)
+        fmt = kwargs.pop("response_format", None)
         overrides = {k: kwargs.pop(k) for k in _CALL_PARAMS if k in kwargs}
         if kwargs:
             raise InvalidRequestError(f"unsupported call arguments for ChatMantis: {sorted(kwargs)}")
-        params = self._params(stop, **overrides)
-        conversation = to_conversation(messages)
-        if response_format is not None:
-            self._add_json_instruction(conversation, response_format)
-        return Request(conversation, params)
-
-    @staticmethod
-    def _add_json_instruction(conversation: Conversation, response_format: Any) -> None:
-        if not isinstance(response_format, dict) or response_format.get("type") not in (
-            "json_object",
-            "json_schema",
-        ):
-            raise InvalidRequestError(
-                'response_format must be {"type": "json_object"} or {"type": "json_schema", "schema": {...}}'
-            )
-        instruction = _json_instruction(response_format.get("schema"))
-        for turn in reversed(conversation.turns):
-            if turn.role == "user":
-                turn.parts.append("\n\n" + instruction)
-                return
-        conversation.turns.append(Turn("user", [instruction]))
+        return Request(
+            to_conversation(messages),
+            self._params(stop, **overrides),
+            tools=tool_spec(bound, tool_choice, parallel) if bound else None,
+            response_format=response_format(fmt) if fmt is not None else None,
+        )
 
     def _metadata(self, response: Response, backend: Backend) -> dict[str, Any]:
         meta: dict[str, Any] = {
@@ -259,6 +396,8 @@ class ChatMantis(BaseChatModel):
     def _result(self, response: Response, backend: Backend) -> ChatResult:
         message = AIMessage(
             content=response.text,
+            tool_calls=tool_calls(response),
+            invalid_tool_calls=invalid_tool_calls(response),
             response_metadata=self._metadata(response, backend),
             usage_metadata=self._usage(response),
         )
@@ -267,13 +406,21 @@ class ChatMantis(BaseChatModel):
     def _chunk(self, text: str, response: Response | None, backend: Backend) -> ChatGenerationChunk:
         if response is None:
             return ChatGenerationChunk(message=AIMessageChunk(content=text))
-        # model_name, finish_reason and usage go on the last chunk only: chunk addition
-        # concatenates strings and sums usage.
+        # model_name, finish_reason, usage and the calls go on the last chunk only: chunk
+        # addition concatenates strings, sums usage and merges tool_call_chunks by index.
+        meta = self._metadata(response, backend)
+        if response.invalid_tool_calls:
+            # a stream aggregate is re-parsed from its chunks, which would make a call whose
+            # JSON parses but whose arguments failed validation look valid: the failed calls
+            # (with their errors) travel in the metadata instead; invoke() gives them as
+            # invalid_tool_calls
+            meta["invalid_tool_calls"] = invalid_tool_calls(response)
         return ChatGenerationChunk(
             message=AIMessageChunk(
                 content=text,
+                tool_call_chunks=tool_call_chunks(response),
                 chunk_position="last",
-                response_metadata=self._metadata(response, backend),
+                response_metadata=meta,
                 usage_metadata=self._usage(response),
             )
         )
@@ -289,7 +436,7 @@ class ChatMantis(BaseChatModel):
     ) -> ChatResult:
         request = self._request(messages, stop, kwargs)
         backend = self.get_backend()
-        response = backend.generate(request, on_update=update_sender(run_manager, self.on_update))
+        response = mantis_tools.generate(backend, request, on_update=update_sender(run_manager, self.on_update))
         return self._result(response, backend)
 
     async def _agenerate(
@@ -302,7 +449,7 @@ class ChatMantis(BaseChatModel):
         request = self._request(messages, stop, kwargs)
         backend = self.get_backend()
         async with aupdate_sender(run_manager, self.on_update) as on_update:
-            response = await backend.agenerate(request, on_update=on_update)
+            response = await mantis_tools.agenerate(backend, request, on_update=on_update)
         return self._result(response, backend)
 
     def _stream(
@@ -315,7 +462,7 @@ class ChatMantis(BaseChatModel):
         # LangChain itself calls run_manager.on_llm_new_token for every chunk we yield.
         request = self._request(messages, stop, kwargs)
         backend = self.get_backend()
-        for chunk in backend.stream(request, on_update=update_sender(run_manager, self.on_update)):
+        for chunk in mantis_tools.stream(backend, request, on_update=update_sender(run_manager, self.on_update)):
             if chunk.text or chunk.response is not None:
                 yield self._chunk(chunk.text, chunk.response, backend)
 
@@ -329,25 +476,42 @@ class ChatMantis(BaseChatModel):
         request = self._request(messages, stop, kwargs)
         backend = self.get_backend()
         async with aupdate_sender(run_manager, self.on_update) as on_update:
-            async for chunk in backend.astream(request, on_update=on_update):
+            async for chunk in mantis_tools.astream(backend, request, on_update=on_update):
                 if chunk.text or chunk.response is not None:
                     yield self._chunk(chunk.text, chunk.response, backend)
 
     # -- tools and structured output ----------------------------------------------------
 
-    def bind_tools(self, tools: Sequence[Any], *, tool_choice: str | None = None, **kwargs: Any) -> Runnable:
-        """Not supported: Mantis has no tool calling.
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
+        *,
+        tool_choice: str | bool | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools (pydantic classes, functions, ``BaseTool``s or OpenAI tool dicts).
 
-        Use a ReAct-style (text) agent that parses the model's answer, use ChatMantis as
-        the vision step of an agent driven by a tool-calling model, or use
-        :meth:`with_structured_output` for JSON.
+        Mantis has no native function calling: the tools are described in the prompt and the
+        model answers in plain text or with only a JSON call, which is parsed leniently and
+        validated against the tool's schema (``tool_calls``; what cannot be repaired comes back
+        in ``invalid_tool_calls``). The local backend constrains decoding with a grammar, so
+        its calls always parse; fal and OpenAI-compatible servers get up to two repair turns.
+
+        ``tool_choice``: None/"auto" (text or a call), "none", "any"/"required"/True (a call),
+        a tool's name or ``{"type": "function", "function": {"name": ...}}`` (that call); an
+        unknown name raises ``ValueError``. One call per answer unless
+        ``parallel_tool_calls=True``. ``strict`` is passed to ``convert_to_openai_tool``.
         """
-        raise NotImplementedError(
-            "ChatMantis does not support tool calling (Mantis has no function-calling "
-            "ability). Use a ReAct-style text agent that parses the model's answer, call "
-            "ChatMantis as the vision step of an agent run by a tool-calling model, or use "
-            "with_structured_output() for JSON answers."
-        )
+        formatted = [convert_to_openai_tool(t, strict=strict) for t in tools]
+        try:
+            choice = mantis_tools.normalize_tool_choice(
+                tool_choice, [mantis_tools.tool_from_openai(t) for t in formatted]
+            )
+        except InvalidRequestError as exc:
+            raise ValueError(exc.message) from None
+        return super().bind(tools=formatted, tool_choice=choice, parallel_tool_calls=parallel_tool_calls, **kwargs)
 
     def with_structured_output(
         self,
@@ -358,17 +522,17 @@ class ChatMantis(BaseChatModel):
         strict: bool | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, dict[str, Any] | Any]:
-        """A runnable returning answers parsed into ``schema`` (a pydantic class, TypedDict
-        or JSON schema dict), by prompting since Mantis has no native JSON mode or tools.
+        """A runnable returning answers parsed into ``schema`` (a pydantic class, a TypedDict
+        or a JSON schema dict): pydantic classes give instances, other schemas dicts.
 
-        ``method="json_schema"`` (default) and ``"function_calling"`` append the JSON schema
-        to the last user message and ask for a JSON object only; ``"json_mode"`` asks for a
-        JSON object without showing the schema (describe it in your prompt; ``schema`` is
-        then used only to parse and may be ``None``). Pydantic classes give instances, other
-        schemas give dicts. An answer that does not parse raises
-        ``OutputParserException``; with ``include_raw=True`` the result is
-        ``{"raw": AIMessage, "parsed": ... | None, "parsing_error": Exception | None}``.
-        ``strict`` is accepted for compatibility; Mantis cannot guarantee schema adherence.
+        ``method="json_schema"`` (default) asks for a JSON value of the schema (a
+        ``response_format``); ``"function_calling"`` binds the schema as a tool and forces the
+        call; ``"json_mode"`` asks for any JSON object (describe it in your prompt; ``schema``
+        then only parses and may be None). All three run through the same tool-calling core:
+        the local backend's grammar guarantees the format, other backends get repair turns.
+        An answer that still does not parse raises ``OutputParserException``; with
+        ``include_raw=True`` the result is ``{"raw": AIMessage, "parsed": ... | None,
+        "parsing_error": Exception | None}``. ``strict`` is accepted for compatibility.
         """
         if kwargs:
             raise ValueError(f"unsupported arguments for with_structured_output: {sorted(kwargs)}")
@@ -377,20 +541,28 @@ class ChatMantis(BaseChatModel):
         if schema is None and method != "json_mode":
             raise ValueError(f"schema is required with method={method!r}")
         is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
-        json_schema = None
-        if schema is not None:
-            json_schema = schema if isinstance(schema, dict) else convert_to_json_schema(schema)
-        response_format: dict[str, Any] = (
-            {"type": "json_object"} if method == "json_mode" else {"type": "json_schema", "schema": json_schema}
-        )
-        llm = self.bind(
-            response_format=response_format,
-            ls_structured_output_format={
-                "kwargs": {"method": method, "strict": strict},
-                "schema": schema,
-            },
-        )
-        parser = PydanticOutputParser(pydantic_object=cast(Any, schema)) if is_pydantic else JsonOutputParser()
+        traced: dict[str, Any] = {
+            "ls_structured_output_format": {"kwargs": {"method": method, "strict": strict}, "schema": schema}
+        }
+        parser: Runnable[Any, Any]
+        if method == "function_calling":
+            tool = convert_to_openai_tool(cast(Any, schema), strict=strict)
+            name = tool["function"]["name"]
+            llm = self.bind_tools([tool], tool_choice=name, **traced)
+            parser = (
+                PydanticToolsParser(tools=[cast(Any, schema)], first_tool_only=True)
+                if is_pydantic
+                else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
+            )
+        else:
+            if method == "json_mode":
+                fmt: dict[str, Any] = {"type": "json_object"}
+            else:
+                json_schema = schema if isinstance(schema, dict) else convert_to_json_schema(cast(Any, schema))
+                title = json_schema.get("title") if isinstance(json_schema, dict) else None
+                fmt = {"type": "json_schema", "json_schema": {"name": title or "response", "schema": json_schema}}
+            llm = self.bind(response_format=fmt, **traced)
+            parser = PydanticOutputParser(pydantic_object=cast(Any, schema)) if is_pydantic else JsonOutputParser()
         if not include_raw:
             return llm | parser
         parser_assign = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)

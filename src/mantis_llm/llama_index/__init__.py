@@ -6,7 +6,6 @@ from .._adapter import require_extra
 require_extra("llama_index.core", "llama-index-core", "llama-index", "mantis_llm.llama_index")
 
 from ._messages import (  # noqa: E402
-    TOOL_PREFIX,
     image_block,
     image_block_to_image,
     prompt_messages,
@@ -16,7 +15,6 @@ from ._messages import (  # noqa: E402
 from .base import Mantis, MantisMultiModal, MantisUpdateEvent  # noqa: E402
 
 __all__ = [
-    "TOOL_PREFIX",
     "Mantis",
     "MantisMultiModal",
     "MantisUpdateEvent",

@@ -25,9 +25,11 @@ from llama_index.core.base.llms.types import (
     MessageRole,
     TextBlock,
     ThinkingBlock,
+    ToolCallBlock,
 )
 from llama_index.core.schema import ImageDocument, ImageNode
 
+from .. import tools
 from ..errors import ImageError, InvalidRequestError
 from ..types import Conversation, Image, Part, Role, Turn
 
@@ -43,7 +45,6 @@ _ROLES: dict[MessageRole, Role] = {
     MessageRole.TOOL: "user",
     MessageRole.FUNCTION: "user",
 }
-TOOL_PREFIX = "Tool result:"
 
 
 def image_block_to_image(block: ImageBlock, label: str = "image") -> Image:
@@ -97,15 +98,20 @@ def to_image_block(item: Any, label: str = "image") -> ImageBlock:
     raise InvalidRequestError(f"{label}: expected an ImageBlock, ImageNode or ImageDocument, got {type(item).__name__}")
 
 
-def _parts(blocks: Sequence[Any], where: str, counter: list[int]) -> Iterator[Part]:
+def _parts(blocks: Sequence[Any], where: str, counter: list[int], calls: list[ToolCallBlock] | None) -> Iterator[Part]:
+    """The text and images of ``blocks``; an assistant message's ToolCallBlocks go to
+    ``calls`` (rendered after its text, as the JSON the model writes); elsewhere (``calls``
+    None) they are an error like any block Mantis cannot read."""
     for b, block in enumerate(blocks, 1):
-        if isinstance(block, TextBlock):
+        if isinstance(block, ToolCallBlock) and calls is not None:
+            calls.append(block)
+        elif isinstance(block, TextBlock):
             yield block.text
         elif isinstance(block, ImageBlock):
             counter[0] += 1
             yield image_block_to_image(block, f"image {counter[0]} of {where}")
         elif isinstance(block, (CitableBlock, CitationBlock)):
-            yield from _parts(block.nested_blocks, where, counter)
+            yield from _parts(block.nested_blocks, where, counter, calls)
         elif isinstance(block, (CachePoint, ThinkingBlock)):
             continue
         else:
@@ -118,9 +124,13 @@ def to_conversation(messages: Sequence[ChatMessage]) -> Conversation:
     """Translate LlamaIndex chat messages into a :class:`~mantis_llm.types.Conversation`.
 
     One turn per message (so ``message N`` in errors is ``messages[N-1]``), parts in block order.
+    An assistant message's ``ToolCallBlock``s (or the older ``additional_kwargs["tool_calls"]``)
+    are shown to the model in the JSON it is asked to write; a ``role="tool"`` message becomes
+    a user turn naming the tool and its ``tool_call_id``, its images kept.
     """
     if isinstance(messages, ChatMessage):
         messages = [messages]
+    names: dict[str, str] = {}  # tool call id -> tool name, for tool messages that omit the name
     turns = []
     for m, message in enumerate(messages, 1):
         where = f"message {m}"
@@ -129,12 +139,35 @@ def to_conversation(messages: Sequence[ChatMessage]) -> Conversation:
         role = _ROLES.get(MessageRole(message.role))
         if role is None:  # pragma: no cover - a MessageRole added by a future llama-index
             raise InvalidRequestError(f"{where}: role {message.role!r} is not supported")
-        parts = list(_parts(message.blocks, where, [0]))
+        blocks: list[ToolCallBlock] = []
+        parts = list(_parts(message.blocks, where, [0], blocks if role == "assistant" else None))
         if message.role in (MessageRole.TOOL, MessageRole.FUNCTION):
-            name = message.additional_kwargs.get("name") or message.additional_kwargs.get("tool_call_id")
-            parts.insert(0, f"{TOOL_PREFIX} ({name})" if name else TOOL_PREFIX)
+            extra = message.additional_kwargs
+            call_id = extra.get("tool_call_id")
+            name = extra.get("name") or extra.get("tool_name") or (names.get(call_id) if call_id else None)
+            is_error = bool(extra.get("is_error")) or extra.get("status") == "error"
+            turns.append(tools.tool_result_turn(name, call_id, is_error, parts))
+            continue
+        calls = [{"name": b.tool_name, "arguments": b.tool_kwargs, "id": b.tool_call_id} for b in blocks]
+        calls += _legacy_calls(message.additional_kwargs.get("tool_calls"))
+        if role == "assistant" and calls:
+            names.update({str(c["id"]): str(c["name"]) for c in calls if c.get("id") and c.get("name")})
+            turns.append(tools.tool_calls_turn(calls, "".join(p for p in parts if isinstance(p, str))))
+            continue
         turns.append(Turn(role, parts))
     return Conversation(turns)
+
+
+def _legacy_calls(value: Any) -> list[dict[str, Any]]:
+    """Calls in the older ``additional_kwargs["tool_calls"]`` (OpenAI dicts or objects)."""
+    out = []
+    for call in value or ():
+        fn = call.get("function") if isinstance(call, dict) else getattr(call, "function", None)
+        get = (lambda o, k: o.get(k)) if isinstance(fn, dict) else getattr
+        if fn is not None and get(fn, "name"):
+            cid = call.get("id") if isinstance(call, dict) else getattr(call, "id", None)
+            out.append({"name": get(fn, "name"), "arguments": get(fn, "arguments") or {}, "id": cid})
+    return out
 
 
 def prompt_messages(prompt: str, image_documents: Sequence[ImageInput] | None = None) -> list[ChatMessage]:

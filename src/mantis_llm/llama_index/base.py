@@ -3,9 +3,11 @@ one set of fields and one core, two base classes."""
 
 from __future__ import annotations
 
+import json
 import logging
 import types
 from collections.abc import AsyncGenerator, Callable, Generator, Sequence
+from dataclasses import asdict
 from typing import Any, Literal, TypeVar
 
 from llama_index.core.base.llms.types import (
@@ -18,6 +20,8 @@ from llama_index.core.base.llms.types import (
     CompletionResponseGen,
     LLMMetadata,
     MessageRole,
+    TextBlock,
+    ToolCallBlock,
 )
 from llama_index.core.bridge.pydantic import (
     BaseModel,
@@ -32,13 +36,15 @@ from llama_index.core.bridge.pydantic import (
 from llama_index.core.constants import DEFAULT_NUM_OUTPUTS
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.events import BaseEvent
-from llama_index.core.llms import LLM
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.multi_modal_llms import MultiModalLLM, MultiModalLLMMetadata
+from llama_index.core.tools import BaseTool, ToolSelection
 
+from .. import tools as mantis_tools
 from .._adapter import BackendSlot, backend_label, build_backend, check_backend, check_fields, typed_errors
 from ..backends import DEFAULT_FAL_ENDPOINT, Backend, resolve_model
-from ..types import GenerationParams, Request, Response, Update
+from ..types import GenerationParams, Request, Response, ToolSpec, Update
 from ._messages import ImageInput, prompt_messages, to_conversation
 
 logger = logging.getLogger("mantis_llm.llama_index")
@@ -72,8 +78,21 @@ def _response_info(response: Response) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _chat_response(text: str, delta: str | None, response: Response | None) -> ChatResponse:
     raw, extra = _response_info(response) if response is not None else (None, {})
+    blocks: list[Any] = [TextBlock(text=text)]
+    message_extra: dict[str, Any] = {}
+    if response is not None and response.tool_calls:
+        blocks += [
+            ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=c.arguments) for c in response.tool_calls
+        ]
+        # the older convention (OpenAI-shaped dicts), for code that reads it
+        message_extra["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
+            for c in response.tool_calls
+        ]
+    if response is not None and response.invalid_tool_calls:
+        raw["invalid_tool_calls"] = [asdict(c) for c in response.invalid_tool_calls]  # type: ignore[index]
     return ChatResponse(
-        message=ChatMessage(role=MessageRole.ASSISTANT, content=text),
+        message=ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks, additional_kwargs=message_extra),
         delta=delta,
         raw=raw,
         additional_kwargs=extra,
@@ -205,9 +224,16 @@ class _MantisBase(BaseModel):
 
     def _request(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> Request:
         """Translate; call-time ``max_tokens``/``temperature``/``top_p``/``stop``/``seed`` win.
-        Other keyword arguments LlamaIndex passes along are ignored."""
+        ``tools`` (OpenAI tool dicts, as ``_prepare_chat_with_tools`` passes them),
+        ``tool_choice`` and ``parallel_tool_calls`` make a tool-calling request. Other keyword
+        arguments LlamaIndex passes along are ignored."""
         overrides = {k: kwargs[k] for k in _PARAMS if kwargs.get(k) is not None}
-        return Request(to_conversation(messages), self._default_params().merged(**overrides))
+        spec = None
+        if kwargs.get("tools"):
+            bound = tuple(mantis_tools.tool_from_openai(t) for t in kwargs["tools"])
+            choice = mantis_tools.normalize_tool_choice(kwargs.get("tool_choice"), bound)
+            spec = ToolSpec(bound, choice, parallel=bool(kwargs.get("parallel_tool_calls")))
+        return Request(to_conversation(messages), self._default_params().merged(**overrides), tools=spec)
 
     def _report(self, update: Update) -> None:
         logger.debug("mantis %s: %s (queue position %s)", update.request_id, update.status, update.queue_position)
@@ -236,12 +262,12 @@ class _MantisBase(BaseModel):
 
     def _run(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any], make: Callable) -> Any:
         request = self._request(messages, kwargs)
-        response = self.get_backend().generate(request, on_update=self._report)
+        response = mantis_tools.generate(self.get_backend(), request, on_update=self._report)
         return make(response.text, None, response)
 
     async def _arun(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any], make: Callable) -> Any:
         request = self._request(messages, kwargs)  # no I/O: paths and URLs are read by the backend
-        response = await self.get_backend().agenerate(request, on_update=self._report)
+        response = await mantis_tools.agenerate(self.get_backend(), request, on_update=self._report)
         return make(response.text, None, response)
 
     def _stream(
@@ -252,7 +278,7 @@ class _MantisBase(BaseModel):
 
         def gen() -> Generator[Any, None, None]:
             text = ""
-            for chunk in backend.stream(request, on_update=self._report):
+            for chunk in mantis_tools.stream(backend, request, on_update=self._report):
                 text += chunk.text
                 yield make(text, chunk.text, chunk.response)
 
@@ -266,7 +292,7 @@ class _MantisBase(BaseModel):
 
         async def gen() -> AsyncGenerator[Any, None]:
             text = ""
-            async for chunk in backend.astream(request, on_update=self._report):
+            async for chunk in mantis_tools.astream(backend, request, on_update=self._report):
                 text += chunk.text
                 yield make(text, chunk.text, chunk.response)
 
@@ -330,7 +356,7 @@ def _completion_args(prompt: str, image_documents: Any) -> list[ChatMessage]:
     return prompt_messages(prompt, image_documents)
 
 
-class Mantis(_MantisBase, LLM):
+class Mantis(_MantisBase, FunctionCallingLLM):
     """Mantis (multi-image LLaVA) as a LlamaIndex chat ``LLM``, on fal or a local model.
 
     Example::
@@ -370,9 +396,54 @@ class Mantis(_MantisBase, LLM):
             context_window=self.context_window,
             num_output=self._num_output,
             is_chat_model=True,
-            is_function_calling_model=False,
+            # tools in the prompt, calls parsed from the answer (a grammar on the local
+            # backend): FunctionAgent, AgentWorkflow and structured_predict take this path
+            is_function_calling_model=True,
             model_name=self._model_name,
         )
+
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        tool_choice: Any = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The ``chat`` arguments for a turn with ``tools``: the messages, the tools as OpenAI
+        dicts, ``tool_choice`` ("required" when ``tool_required``, else "auto" unless given)."""
+        messages = list(chat_history or [])
+        if isinstance(user_msg, str):
+            user_msg = ChatMessage(role=MessageRole.USER, content=user_msg)
+        if user_msg is not None:
+            messages.append(user_msg)
+        if tool_choice is None:
+            tool_choice = "required" if tool_required else "auto"
+        return {
+            "messages": messages,
+            "tools": [tool.metadata.to_openai_tool() for tool in tools],
+            "tool_choice": tool_choice,
+            "parallel_tool_calls": allow_parallel_tool_calls,
+            **kwargs,
+        }
+
+    def get_tool_calls_from_response(
+        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
+    ) -> list[ToolSelection]:
+        """The calls in ``response`` (its ``ToolCallBlock``s). Called on every streamed chunk
+        too, where a call appears only in the last one: never raises there."""
+        calls = [b for b in response.message.blocks if isinstance(b, ToolCallBlock)]
+        if not calls and error_on_no_tool_call:
+            raise ValueError(f"Expected at least one tool call, but got 0 tool calls: {response.message.content!r}")
+        selections = []
+        for b in calls:  # ours hold dicts; a block another integration made may hold JSON text
+            args = b.tool_kwargs if isinstance(b.tool_kwargs, dict) else json.loads(b.tool_kwargs or "{}")
+            call_id = b.tool_call_id or mantis_tools.new_call_id()
+            selections.append(ToolSelection(tool_id=call_id, tool_name=b.tool_name, tool_kwargs=args))
+        return selections
 
     chat = llm_chat_callback()(_own(_MantisBase.chat))
     stream_chat = llm_chat_callback()(_own(_MantisBase.stream_chat))

@@ -76,7 +76,7 @@ def system_block(catalog: Catalog) -> str:
             entry["parameters"] = compact_schema(tool.parameters)
             lines.append(dumps(entry))
         if catalog.forced:
-            what = f'the tool "{names[0]}"' if _named(catalog) else "one of these tools"
+            what = f'the tool "{names[0]}"' if _named(catalog) or one else "one of these tools"
             lines.append(f"You must call {what} now. Reply with only a JSON object of this form, and nothing else:")
         else:
             lines.append("To call a tool, reply with only a JSON object of this form, and nothing else:")
@@ -286,11 +286,9 @@ def tool_result_parts(
     if is_error:
         details.append("status: error")
     header = TOOL_RESULT + (f" ({', '.join(details)})" if details else "") + ":\n"
-    if not items:
-        return [header + "(no output)"]
-    if isinstance(items[0], str):
-        return [header + items[0], *items[1:]]
-    return [header, *items]
+    # the header stays a part of its own (it ends in a newline, so the prompt reads the same
+    # as if it were joined to the text): each of the result's parts keeps its place
+    return [header, *items] if items else [header + "(no output)"]
 
 
 def tool_result_turn(
