@@ -14,21 +14,23 @@
 # ---
 
 # %% [markdown]
-# # LangChain: a chain and an agent with Mantis as the vision step
+# # Agents with Mantis: tools that return images, LangChain and LlamaIndex
 #
 # Mantis reads several images at once, which makes it a good *vision step* inside a larger
-# LangChain program. This notebook builds:
+# program. This notebook builds:
 #
 # 1. an LCEL chain, `prompt | ChatMantis | parser`, over two pictures;
 # 2. the same chain with **structured output**: the answer parsed into a pydantic model;
-# 3. an **agent loop**: Mantis chooses tools step by step (as JSON actions), a tool returns a
-#    camera snapshot as an image, and Mantis compares it with the user's photo into a JSON report.
+# 3. a LangChain **agent** with `create_agent`: Mantis calls tools (one returns a camera snapshot
+#    as an image), looks at the snapshot next to the user's photo, and ends with a typed report;
+# 4. the same with a LlamaIndex **FunctionAgent**.
 #
-# Mantis has no native tool calling (`ChatMantis.bind_tools` raises `NotImplementedError`), so
-# the agent is a ReAct-style loop in plain Python on `langchain-core` alone: the model answers
-# with a JSON action, the loop runs the tool and hands its result back as a `ToolMessage`.
-# The same loop maps onto a LangGraph graph if you use LangGraph; LangGraph's prebuilt
-# `create_react_agent` needs `bind_tools` and does not apply.
+# Mantis has no native function calling, so mantis-llm gives it one in the prompt: the tools are
+# described in a system block, the model answers in text or with only a JSON call, and the call
+# is parsed, validated against the tool's schema (`"3"` becomes `3`) and, on fal, repaired with
+# up to two more turns when it is broken. With the local backend a grammar makes every call parse.
+# The grammar guarantees the *format*; the model's judgement of when and which tool to call is
+# still a 7B model's.
 
 # %% [markdown]
 # ## Setup: the real fal endpoint, or the emulator
@@ -57,9 +59,8 @@ emu, USE_REAL_FAL = emulator_unless_key(service_time=0.1)
 # %%
 import base64
 from pathlib import Path
-from typing import Literal
 
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import HumanMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.tools import tool
@@ -111,9 +112,10 @@ for text in chain.batch(
 # %% [markdown]
 # ## 2. Structured output
 #
-# `with_structured_output(Schema)` appends the JSON schema to the last user message, asks for a
-# JSON object only, and parses the answer into the pydantic model (an answer that does not parse
-# raises `OutputParserException`; `include_raw=True` returns it instead of raising).
+# `with_structured_output(Schema)` asks for a JSON value of the schema and parses the answer into
+# the pydantic model. A small model's habits ("Sure! Here is the JSON: ...", code fences, numbers
+# in quotes) are repaired; an answer that still does not parse raises `OutputParserException`
+# (`include_raw=True` returns it instead of raising).
 
 
 # %%
@@ -139,16 +141,17 @@ change = structured_chain.invoke({**pair, "question": "Compare the two photos."}
 change
 
 # %% [markdown]
-# ## 3. An agent: tools return images, Mantis looks at them
+# ## 3. A LangChain agent: `create_agent`, with a tool that returns an image
 #
 # A guest sends a photo of the house taken tonight and asks whether anything looks wrong. The
 # agent has two tools: one lists the camera snapshots on file, the other returns a snapshot **as
-# an image** (a list of content blocks becomes the `ToolMessage` content). At each step Mantis
-# answers with a JSON `Step`; the loop runs the tool and appends the call and its result to the
-# history, so the next step sees the snapshot next to the guest's photo. A step budget, and
-# `include_raw=True` (an unparsable answer stops the loop instead of raising), keep it bounded.
+# an image** (a list of content blocks becomes the `ToolMessage` content, which Mantis sees as an
+# image in the next turn). `response_format=Report` makes the agent end with a typed report:
+# LangChain offers the schema as one more tool and asks for a call at every step.
 
 # %%
+from langchain.agents import create_agent
+
 SNAPSHOTS = {"front@12:00": day}  # camera id@time -> image file
 
 
@@ -167,69 +170,6 @@ def get_snapshot(snapshot_id: str) -> list:
     return [{"type": "text", "text": f"Snapshot {snapshot_id}:"}, image_block(SNAPSHOTS[snapshot_id])]
 
 
-TOOLS = {t.name: t for t in (list_snapshots, get_snapshot)}
-
-
-class Step(BaseModel):
-    """One agent step: call a tool, or finish."""
-
-    thought: str = Field(description="Why this step")
-    tool: Literal["list_snapshots", "get_snapshot", "finish"]
-    args: dict[str, str] = Field(default_factory=dict, description="The tool's arguments")
-
-
-SYSTEM = "You check houses from camera images, step by step. Each step, call one tool or finish. Tools:\n" + "\n".join(
-    f"- {t.name}({', '.join(t.args)}): {t.description}" for t in TOOLS.values()
-)
-print(SYSTEM)
-
-# %%
-planner = model.with_structured_output(Step, include_raw=True)  # a bad answer is returned, not raised
-history = [
-    SystemMessage(SYSTEM),
-    HumanMessage(
-        content=[
-            image_block(night),
-            {"type": "text", "text": "I took this photo of the front of the house just now. Does anything look wrong?"},
-        ]
-    ),
-]
-
-if emu is not None:  # emulator only: the steps Mantis would take, as JSON
-    emu.script(
-        [
-            '{"thought": "I need a reference photo of the front.", "tool": "list_snapshots", '
-            '"args": {"camera": "front"}}',
-            '{"thought": "Fetch the noon snapshot to compare.", "tool": "get_snapshot", '
-            '"args": {"snapshot_id": "front@12:00"}}',
-            '{"thought": "I have both images; I can compare them.", "tool": "finish", "args": {}}',
-        ]
-    )
-
-for i in range(6):  # a step budget: never loop forever
-    out = planner.invoke(history)
-    step = out["parsed"]
-    if step is None:
-        print(f"step {i}: not a valid Step, stopping here: {out['raw'].content[:200]!r}")
-        break
-    print(f"step {i}: {step.tool}({step.args})  # {step.thought}")
-    if step.tool == "finish":
-        break
-    call = {"type": "tool_call", "id": f"call_{i}", "name": step.tool, "args": step.args}
-    try:
-        result = TOOLS[step.tool].invoke(call)  # a ToolMessage; get_snapshot's holds an image
-    except Exception as exc:  # e.g. a wrong argument name: report it to the model as a failed call
-        result = ToolMessage(f"{type(exc).__name__}: {exc}", tool_call_id=call["id"], name=step.tool, status="error")
-    history += [AIMessage(content=step.thought, tool_calls=[call]), result]
-    print("   ->", result.content if isinstance(result.content, str) else [b["type"] for b in result.content])
-
-
-# %% [markdown]
-# Now the vision step proper: Mantis sees the whole history (the guest's photo and the snapshot
-# the tool returned, in order) and writes the report as JSON.
-
-
-# %%
 class Report(BaseModel):
     """The agent's answer to the guest."""
 
@@ -238,32 +178,79 @@ class Report(BaseModel):
     explanation: str = Field(description="One or two sentences for the guest")
 
 
-if emu is not None:  # emulator only: the report Mantis would write
+agent = create_agent(
+    model,
+    tools=[list_snapshots, get_snapshot],
+    system_prompt="You check houses from camera images. Compare the guest's photo with a snapshot before you report.",
+    response_format=Report,
+)
+
+if emu is not None:  # emulator only: the calls Mantis would make, in the JSON it is asked for
     emu.script(
         [
-            '{"looks_wrong": false, "differences": ["night instead of day", "windows are lit", '
-            '"moon and stars instead of the sun", "the tree is not visible"], "explanation": '
-            '"Nothing looks wrong: the house is the same as in the noon snapshot, only at night with the lights on."}'
+            'I need a reference photo first.\n{"name": "list_snapshots", "arguments": {"camera": "front"}}',
+            '{"name": "get_snapshot", "arguments": {"snapshot_id": "front@12:00"}}',
+            '{"name": "Report", "arguments": {"looks_wrong": false, "differences": ["night instead of day", '
+            '"windows are lit", "moon and stars instead of the sun"], "explanation": "Nothing looks wrong: '
+            'it is the same house as in the noon snapshot, only at night with the lights on."}}',
         ]
     )
 
-images_seen = sum(1 for m in history if isinstance(m.content, list) for b in m.content if b["type"] == "image")
-report = model.with_structured_output(Report).invoke(
-    history + [HumanMessage("Compare my photo with the snapshot and answer my question.")]
+question = HumanMessage(
+    content=[
+        image_block(night),
+        {"type": "text", "text": "I took this photo of the front of the house just now. Does anything look wrong?"},
+    ]
 )
-print(f"{images_seen} images in context")
-print(report.model_dump_json(indent=2))
+result = agent.invoke({"messages": [question]})
+for message in result["messages"]:
+    calls = [f"{c['name']}({c['args']})" for c in getattr(message, "tool_calls", [])]
+    kind = "image" if isinstance(message.content, list) else "text"
+    print(f"{type(message).__name__:12} {', '.join(calls) or kind}")
+print(result["structured_response"].model_dump_json(indent=2))
 
 # %% [markdown]
-# In emulator mode, here is the prompt the emulator received for that last call: the Mantis
-# conversation with one `<image>` placeholder where each image was (the images travel
-# separately, in the same order).
+# In emulator mode, here is what the model received for the last step: the Mantis conversation
+# with one `<image>` placeholder where each image was (the guest's photo and the snapshot the
+# tool returned; the images travel separately, in the same order), the calls written in the JSON
+# the model is asked to use, and each tool result naming its tool and call id.
 
 # %%
 if emu is not None:
     last = emu.submissions[-1].payload
     print(f"{len(last['images'])} images; prompt:\n")
-    print(last["prompt"][:1500])
+    print(last["prompt"][-1500:])
+
+# %% [markdown]
+# ## 4. The same with LlamaIndex: a `FunctionAgent`
+#
+# `Mantis` is a LlamaIndex `FunctionCallingLLM`, so `FunctionAgent` and `AgentWorkflow` drive
+# it with tool calls (`ToolCallBlock`s), and `structured_predict` / `as_structured_llm` use the
+# same path. The user's message carries the image.
+
+# %%
+from llama_index.core.agent.workflow import FunctionAgent
+from llama_index.core.llms import ChatMessage, ImageBlock, TextBlock
+
+from mantis_llm.llama_index import Mantis
+
+
+def count_windows(picture: str) -> int:
+    """Count the lit windows the camera system recorded for a picture ('night' or 'day')."""
+    return {"night": 3, "day": 0}.get(picture, 0)
+
+
+llm = Mantis()
+li_agent = FunctionAgent(tools=[count_windows], llm=llm, system_prompt="Answer with the tools' facts.")
+
+if emu is not None:  # emulator only: the call and the answer Mantis would give
+    emu.script(['{"name": "count_windows", "arguments": {"picture": "night"}}', "Three windows are lit."])
+
+li_question = ChatMessage(
+    role="user", blocks=[ImageBlock(path=night), TextBlock(text="How many windows are lit in this picture?")]
+)
+li_result = await li_agent.run(user_msg=li_question)
+print(li_result.response.content, "| tools called:", [c.tool_name for c in li_result.tool_calls])
 
 # %% [markdown]
 # ## Clean up
@@ -273,4 +260,5 @@ if emu is not None:
 
 # %%
 model.close()
+llm.close()
 stop_emulator(emu)
