@@ -1,7 +1,7 @@
 """Fault soak: many requests through ChatMantis.abatch and LlamaIndex Mantis.achat against a
 FalEmulator that injects faults on about 20% of HTTP requests (run by hand; prints Markdown).
 
-    /work/venv/bin/python benchmarks/soak.py [--requests 1000] [--seed 0]
+    /work/venv/bin/python benchmarks/soak.py [--requests 1000] [--seed 0] [--submit-policy both]
 
 Half the requests go through ``ChatMantis.abatch`` (LangChain), half through ``Mantis.achat``
 (LlamaIndex), concurrently on one event loop. Each request has its own prompt and 1-3 images
@@ -20,9 +20,15 @@ slow first byte. Every request must end as one of:
   meeting 500s until FalBackend's retries ran out (it retries that idempotent GET, so this
   stays 0 unless the faults outlast ``max_retries``).
 
+It runs in either submit policy of FalBackend (``--submit-policy``, default ``both``, one run
+after the other): ``at_most_once`` (the default: an ambiguous submit is never resent, so no job
+is ever submitted twice) and ``at_least_once`` (ambiguous submits are resent; a request may
+then become two jobs, and every such extra job must be counted in that request's
+``metrics["possible_duplicates"]``).
+
 Anything else (a wrong answer, an untyped exception, a failure with no matching fault, a job
-submitted twice) is a soak failure. ``tests/hardening/test_soak.py`` runs the same code at a
-reduced size.
+submitted twice at most once, an extra job not counted at least once) is a soak failure.
+``tests/hardening/test_soak.py`` runs the same code at a reduced size.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from mantis_llm import errors
 from mantis_llm.emulator import FalEmulator, Faults, expected_digest, expected_output
 
 AMBIGUOUS_SUBMIT_FAULTS = ("500", "drop", "drop_after_accept")
+POLICIES = ("at_most_once", "at_least_once")
 
 
 def soak_faults(seed: int = 0, *, slow_delay: float = 1.0, retry_after: float = 1.0) -> Faults:
@@ -146,11 +153,13 @@ class Outcome:
     request_id: str | None = None
     metrics: dict = field(default_factory=dict)
     verdict: str = ""  # ok | submit-ambiguous | result-500 | WRONG: ...
+    extra_jobs: int = 0  # jobs accepted for this request beyond the one that answered
 
 
 @dataclass
 class SoakResult:
     n: int
+    submit_policy: str
     wall: float
     outcomes: list[Outcome]
     verdicts: collections.Counter
@@ -160,6 +169,7 @@ class SoakResult:
     submissions: int
     duplicate_submissions: int
     retries: int
+    possible_duplicates: int  # counted by FalBackend in the answered calls' metrics
     latencies: list[float]  # backend-measured seconds per successful call
 
     @property
@@ -168,7 +178,7 @@ class SoakResult:
         out = [
             f"request {o.req.index} ({o.req.via}): {o.verdict}" for o in self.outcomes if o.verdict.startswith("WRONG")
         ]
-        if self.duplicate_submissions:
+        if self.duplicate_submissions and self.submit_policy == "at_most_once":
             out.append(f"{self.duplicate_submissions} payloads were submitted more than once")
         return out
 
@@ -177,13 +187,19 @@ class SoakResult:
         return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
-def _classify(o: Outcome, by_prompt: dict, by_rid: dict, accepted: dict) -> str:
+def _classify(o: Outcome, by_prompt: dict, by_rid: dict, accepted: dict, policy: str) -> str:
     req = o.req
     if o.error is None:
+        jobs = accepted.get(req.prompt, [])
         if o.text != expected_output(req.payload):
             return f"WRONG: answer {o.text!r} is not this request's ({expected_digest(req.payload)})"
-        if len(accepted.get(req.prompt, ())) != 1 or o.request_id not in accepted[req.prompt]:
-            return f"WRONG: answered, but accepted as jobs {accepted.get(req.prompt)} (answer from {o.request_id})"
+        if o.request_id not in jobs:
+            return f"WRONG: answered by {o.request_id}, which is not one of its jobs {jobs}"
+        o.extra_jobs = len(jobs) - 1
+        if policy == "at_most_once" and o.extra_jobs:
+            return f"WRONG: answered, but accepted as jobs {jobs} (answer from {o.request_id})"
+        if o.extra_jobs > o.metrics.get("possible_duplicates", 0):
+            return f"WRONG: {o.extra_jobs} extra jobs {jobs}, {o.metrics.get('possible_duplicates')} counted"
         return "ok"
     err = o.error
     if not isinstance(err, errors.MantisError):
@@ -208,13 +224,14 @@ def _classify(o: Outcome, by_prompt: dict, by_rid: dict, accepted: dict) -> str:
 
 
 async def _run(
-    emu: FalEmulator, reqs: list[SoakRequest], concurrency: int, max_retries: int, timeout: float
+    emu: FalEmulator, reqs: list[SoakRequest], concurrency: int, max_retries: int, timeout: float, policy: str
 ) -> list[Outcome]:
     from mantis_llm.langchain import ChatMantis
     from mantis_llm.llama_index import Mantis
 
-    urls = {name: getattr(emu, name) for name in ("queue_url", "run_url", "rest_url", "cdn_url")}
-    common = dict(api_key=emu.key, max_retries=max_retries, timeout=timeout, backend_options=urls)
+    options = {name: getattr(emu, name) for name in ("queue_url", "run_url", "rest_url", "cdn_url")}
+    options["submit_policy"] = policy
+    common = dict(api_key=emu.key, max_retries=max_retries, timeout=timeout, backend_options=options)
     chat, llm = ChatMantis(**common), Mantis(**common)
     lc = [r for r in reqs if r.via == "langchain"]
     li = [r for r in reqs if r.via == "llama_index"]
@@ -264,8 +281,12 @@ def run_soak(
     retry_after: float = 1.0,
     max_retries: int = 8,
     timeout: float = 120.0,
+    submit_policy: str = "at_most_once",
 ) -> SoakResult:
-    """Run the soak with ``n`` requests (half per framework, ``concurrency`` at a time each)."""
+    """Run the soak with ``n`` requests (half per framework, ``concurrency`` at a time each)
+    and FalBackend's ``submit_policy``."""
+    if submit_policy not in POLICIES:
+        raise ValueError(f"submit_policy must be one of {POLICIES}")
     import logging
 
     logging.getLogger("mantis_llm.emulator").setLevel(logging.CRITICAL)  # dropped connections are the point
@@ -273,7 +294,7 @@ def run_soak(
     with FalEmulator(service_time=service_time) as emu:
         emu.faults = soak_faults(seed, slow_delay=slow_delay, retry_after=retry_after)
         t0 = time.perf_counter()
-        outcomes = asyncio.run(_run(emu, reqs, concurrency, max_retries, timeout))
+        outcomes = asyncio.run(_run(emu, reqs, concurrency, max_retries, timeout, submit_policy))
         wall = time.perf_counter() - t0
         records, subs = emu.requests, emu.submissions
     by_prompt: dict[str, list] = collections.defaultdict(list)
@@ -287,10 +308,11 @@ def run_soak(
     for s in subs:
         accepted[s.payload.get("prompt")].append(s.request_id)
     for o in outcomes:
-        o.verdict = _classify(o, by_prompt, by_rid, accepted)
+        o.verdict = _classify(o, by_prompt, by_rid, accepted, submit_policy)
     digests = collections.Counter(expected_digest(s.payload) for s in subs)
     return SoakResult(
         n=n,
+        submit_policy=submit_policy,
         wall=wall,
         outcomes=outcomes,
         verdicts=collections.Counter(o.verdict.split(":")[0] for o in outcomes),
@@ -300,6 +322,7 @@ def run_soak(
         submissions=len(subs),
         duplicate_submissions=sum(c - 1 for c in digests.values() if c > 1),
         retries=sum(o.metrics.get("retries", 0) for o in outcomes),
+        possible_duplicates=sum(o.metrics.get("possible_duplicates", 0) for o in outcomes),
         latencies=[o.metrics["elapsed"] for o in outcomes if o.error is None and "elapsed" in o.metrics],
     )
 
@@ -309,10 +332,12 @@ def report(res: SoakResult, seed: int) -> str:
     v = res.verdicts
     faults = ", ".join(f"{k} {c}" for k, c in sorted(res.faults.items(), key=lambda kv: -kv[1]))
     n_faults = sum(res.faults.values())
+    extra = sum(o.extra_jobs for o in res.outcomes)
+    why = "not resent by design" if res.submit_policy == "at_most_once" else "resent until max_retries ran out"
     lines = [
-        f"{date.today().isoformat()}, {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}; "
-        f"emulator in-process, 50 ms jobs, seed {seed}, 16 concurrent per framework, max_retries=8, "
-        "Retry-After 1 s, slow first byte 1 s.",
+        f"`submit_policy={res.submit_policy!r}`: {date.today().isoformat()}, {platform.machine()} {os.cpu_count()} "
+        f"cores, Python {platform.python_version()}; emulator in-process, 50 ms jobs, seed {seed}, 16 concurrent "
+        "per framework, max_retries=8, Retry-After 1 s, slow first byte 1 s.",
         "",
         "| figure | measured |",
         "|---|---|",
@@ -322,10 +347,12 @@ def report(res: SoakResult, seed: int) -> str:
         f"| faults injected | {n_faults} ({n_faults / res.http_requests:.1%} of HTTP requests): {faults} |",
         f"| retries made by FalBackend (in the answered calls) | {res.retries} |",
         f"| answered correctly (own digest) | {v['ok']} |",
-        f"| typed BackendError, submit hit by 500/drop (not resent by design) | {v['submit-ambiguous']} |",
+        f"| typed BackendError, submit hit by 500/drop ({why}) | {v['submit-ambiguous']} |",
         f"| typed BackendError, result fetch still failing after every retry | {v['result-500']} |",
         f"| wrong answers / untyped or unexplained errors | {sum(c for k, c in v.items() if k == 'WRONG')} |",
         f"| jobs accepted / payloads submitted twice | {res.submissions} / {res.duplicate_submissions} |",
+        f"| answered requests that became 2+ jobs: extra jobs / counted in metrics['possible_duplicates'] | "
+        f"{extra} / {res.possible_duplicates} |",
         f"| latency per answered call, p50 / p95 / max | {res.quantile(0.5) * 1000:.0f} / "
         f"{res.quantile(0.95) * 1000:.0f} / {max(res.latencies) * 1000:.0f} ms |",
     ]
@@ -336,12 +363,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--submit-policy", choices=(*POLICIES, "both"), default="both", help="FalBackend's submit_policy (default both)"
+    )
     ns = p.parse_args()
-    res = run_soak(ns.requests, seed=ns.seed)
-    print(report(res, ns.seed))
-    for problem in res.problems:
-        print("PROBLEM:", problem, file=sys.stderr)
-    sys.exit(1 if res.problems else 0)
+    failed = False
+    for policy in POLICIES if ns.submit_policy == "both" else (ns.submit_policy,):
+        res = run_soak(ns.requests, seed=ns.seed, submit_policy=policy)
+        print(report(res, ns.seed), end="\n\n", flush=True)
+        for problem in res.problems:
+            print(f"PROBLEM ({policy}):", problem, file=sys.stderr)
+        failed = failed or bool(res.problems)
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

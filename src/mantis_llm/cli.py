@@ -1,4 +1,6 @@
 """``mantis-llm ask IMAGE [IMAGE ...] --prompt TEXT``: ask Mantis about images from a shell.
+One IMAGE may be ``-`` (the image's bytes on stdin), or the prompt may be ``-p -`` (its text
+on stdin), not both. ``--stream`` prints the answer as it is generated.
 
 ``mantis-llm prepare-model SRC DST [--template vicuna|llama3] [--bare]``: write a model directory
 that vLLM, SGLang and ``transformers serve`` load with images intact (prints DST).
@@ -48,8 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="ask a question about images",
         description="Ask a question about images (file paths, http(s) URLs or data URIs), in order.",
     )
-    ask.add_argument("images", nargs="+", metavar="IMAGE", help="image file path, http(s) URL or data URI")
-    ask.add_argument("-p", "--prompt", required=True, help="the question (images come first, as image 1, 2, ...)")
+    ask.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="image file path, http(s) URL, data URI, or - (read from stdin)"
+    )
+    ask.add_argument(
+        "-p",
+        "--prompt",
+        required=True,
+        help="the question (images come first, as image 1, 2, ...), or - (read from stdin)",
+    )
     ask.add_argument("--backend", choices=BACKEND_NAMES, default="fal", help="fal (hosted, needs FAL_KEY) or local")
     ask.add_argument(
         "--model",
@@ -96,7 +105,33 @@ def _has_fal_key() -> bool:
     return bool(env.get("FAL_KEY") or (env.get("FAL_KEY_ID") and env.get("FAL_KEY_SECRET")))
 
 
-def _load_images(sources: Sequence[str]) -> list[Image]:
+class UsageError(ConfigurationError):
+    """A command line that cannot run (exit code 2)."""
+
+
+def _read_stdin(args: argparse.Namespace) -> None:
+    """Replace a ``-`` image (bytes) or ``-p -`` (text) by what stdin holds."""
+    dashes = args.images.count("-")
+    if dashes and args.prompt == "-":
+        raise UsageError("the image and the prompt cannot both be read from stdin: pass one of them as an argument")
+    if dashes > 1:
+        raise UsageError("only one IMAGE can be read from stdin (-)")
+    if dashes:
+        i = args.images.index("-")
+        pipe = "pipe the image in: mantis-llm ask - -p ... < photo.jpg"
+        if sys.stdin.isatty():  # would wait for an image typed at the keyboard
+            raise UsageError(f"image {i + 1}: stdin is a terminal; {pipe}")
+        data = sys.stdin.buffer.read()
+        if not data:
+            raise UsageError(f"image {i + 1}: stdin is empty ({pipe})")
+        args.images[i] = data
+    elif args.prompt == "-":
+        args.prompt = sys.stdin.read().strip()
+        if not args.prompt:
+            raise UsageError("the prompt read from stdin is empty")
+
+
+def _load_images(sources: Sequence[str | bytes]) -> list[Image]:
     images = []
     for i, src in enumerate(sources, 1):
         try:
@@ -147,6 +182,7 @@ def _ask(args: argparse.Namespace) -> int:
     if args.backend == "fal" and not _has_fal_key():
         print(NO_KEY, file=sys.stderr)
         return 2
+    _read_stdin(args)
     params = GenerationParams(max_tokens=args.max_tokens, temperature=args.temperature)
     request = Request(Conversation.from_prompt(args.prompt, _load_images(args.images)), params)
     chatty = args.verbose or sys.stderr.isatty()

@@ -67,9 +67,9 @@ def test_unsupported_scheme(capsys, monkeypatch):
 
 
 def test_bad_backend_name(capsys, image_files):
-    code, out, err = run(capsys, "ask", str(image_files[0]), "--prompt", "hi", "--backend", "openai")
+    code, out, err = run(capsys, "ask", str(image_files[0]), "--prompt", "hi", "--backend", "nonesuch")
     assert code == 2 and out == ""
-    assert "invalid choice: 'openai'" in err and "Traceback" not in err
+    assert "invalid choice: 'nonesuch'" in err and "Traceback" not in err
 
 
 def test_no_images(capsys):
@@ -96,7 +96,8 @@ def test_help_and_version(capsys):
     code, out, _ = run(capsys, "--version")
     assert code == 0 and out.startswith("mantis-llm ")
     code, out, _ = run(capsys, "ask", "--help")
-    assert code == 0 and "--prompt" in out and "--backend {fal,local}" in out
+    assert code == 0 and "--prompt" in out and "--backend {fal,local" in out
+    assert "read from stdin" in out  # IMAGE and --prompt may be "-"
 
 
 @pytest.mark.parametrize(
@@ -137,6 +138,99 @@ def test_ask_prints_the_answer(capsys, fresh_emu, image_files, stream):
     assert out == expected_text(fresh_emu) + "\n"
     assert "2 images" in out
     assert err == ""  # stderr is not a tty and --verbose is off: no progress lines
+
+
+class Writes:
+    """A stand-in for sys.stdout that keeps each write, to see the answer arrive in pieces."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_ask_stream_prints_the_answer_as_it_is_generated(monkeypatch, fresh_emu, image_files):
+    answer = "one two three four five six seven eight nine ten eleven twelve"
+    fresh_emu.script([answer])
+    out = Writes()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main(["ask", str(image_files[0]), "-p", "count", "--stream"]) == 0
+    assert "".join(out.writes) == answer + "\n"
+    assert len([w for w in out.writes if w.strip()]) >= 3  # token by token, not one block at the end
+    assert [r.route for r in fresh_emu.requests] == ["run_stream"]
+
+
+class Stdin:
+    """A stand-in for sys.stdin: text in ``read()``, bytes in ``buffer.read()``."""
+
+    def __init__(self, data: bytes) -> None:
+        import io
+
+        self.buffer = io.BytesIO(data)
+
+    def read(self) -> str:
+        return self.buffer.read().decode()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def test_ask_reads_the_image_from_stdin(capsys, monkeypatch, fresh_emu, png_bytes, image_files):
+    monkeypatch.setattr(sys, "stdin", Stdin(png_bytes))
+    code, out, err = run(capsys, "ask", str(image_files[1]), "-", "-p", "compare")
+    assert code == 0, err
+    images = [i["image_url"] for i in fresh_emu.submissions[0].payload["images"]]
+    assert images[0].startswith("data:image/jpeg;base64,") and images[1].startswith("data:image/png;base64,")
+    assert out == expected_text(fresh_emu) + "\n" and "2 images" in out
+
+
+def test_ask_reads_the_prompt_from_stdin(capsys, monkeypatch, fresh_emu, image_files):
+    monkeypatch.setattr(sys, "stdin", Stdin(b"What is in this picture?\n"))
+    code, out, err = run(capsys, "ask", str(image_files[0]), "-p", "-")
+    assert code == 0, err
+    assert fresh_emu.submissions[0].payload["prompt"] == "<image> What is in this picture?"
+    assert out == expected_text(fresh_emu) + "\n"
+
+
+@pytest.mark.parametrize(
+    "argv, stdin, words",
+    [
+        (["-", "-p", "-"], b"", "the image and the prompt cannot both be read from stdin"),
+        (["-", "-", "-p", "hi"], b"", "only one IMAGE can be read from stdin"),
+        (["-", "-p", "hi"], b"", "image 1: stdin is empty"),
+        (["IMG", "-p", "-"], b"  \n", "the prompt read from stdin is empty"),
+        (["-", "-p", "hi"], b"not an image", "image 1 of message 1: unsupported image data"),
+    ],
+)
+def test_stdin_usage_errors(capsys, monkeypatch, fresh_emu, image_files, argv, stdin, words):
+    monkeypatch.setattr(sys, "stdin", Stdin(stdin))
+    argv = [str(image_files[0]) if a == "IMG" else a for a in argv]
+    code, out, err = run(capsys, "ask", *argv)
+    assert code == 2 and out == ""
+    line = one_line(err)
+    assert line.startswith("error: ") and words in line, line
+    assert fresh_emu.requests == []  # nothing was sent
+
+
+def test_stdin_image_through_the_real_entry_point(fresh_emu, png_bytes):
+    import os
+
+    env = {**os.environ, **fresh_emu.env()}
+    out = subprocess.run(
+        [sys.executable, "-m", "mantis_llm", "ask", "-", "-p", "What is it?"],
+        input=png_bytes,
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.decode() == expected_text(fresh_emu) + "\n" and out.stderr == b""
+    assert fresh_emu.submissions[0].payload["images"][0]["image_url"].startswith("data:image/png;base64,")
 
 
 @pytest.mark.parametrize("stream", [False, True])

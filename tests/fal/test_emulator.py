@@ -219,6 +219,44 @@ def test_sync_validation_422(raw_emu, client, body, loc, type_):
     assert raw_emu.submissions == []  # a direct 422 creates no job
 
 
+def test_endpoint_switches_text_only_and_token_stream(raw_emu, client, payload):
+    text_only = {"prompt": "hi", "images": []}
+    run = f"{raw_emu.run_url}/{APP}"
+    assert client.post(run, json=text_only).status_code == 422  # by default the endpoint wants an image
+    raw_emu.require_images = False
+    r = client.post(run, json=text_only)
+    assert (
+        r.status_code == 200 and r.json()["output"] == expected_output(text_only) and "0 images" in r.json()["output"]
+    )
+    sub = client.post(f"{raw_emu.url}/{APP}", json=text_only).json()  # and on the queue
+    assert wait_done(client, sub)["status"] == "COMPLETED" and client.get(sub["response_url"]).status_code == 200
+    for value, code in ((False, 404), (404, 404), (405, 405)):
+        raw_emu.stream_endpoint = value
+        r = client.post(run + "/stream", json=payload)
+        assert r.status_code == code and r.json()["detail"] in ("Not Found", "Method Not Allowed")
+    assert client.post(run, json=payload).status_code == 200  # the plain run is still served
+    raw_emu.reset()  # back to the constructor's switches
+    assert client.post(run, json=text_only).status_code == 422
+    with client.stream("POST", run + "/stream", json=payload) as r:
+        assert r.status_code == 200 and r.headers["content-type"] == "text/event-stream"
+        r.read()
+    with FalEmulator(require_images=False, stream_endpoint=405) as other:
+        assert (other.require_images, other.stream_endpoint) == (False, 405)
+    for bad in ({"require_images": "no"}, {"stream_endpoint": 500}, {"stream_endpoint": 1}):
+        with pytest.raises((TypeError, ValueError)):
+            FalEmulator(**bad)
+
+
+def test_partial_outputs_are_prefixes_of_the_answer(raw_emu, client, payload):
+    answer = "a  b\tc\n\nd e  f g h i j"  # spacing the fake model keeps
+    raw_emu.script([answer])
+    with client.stream("POST", f"{raw_emu.run_url}/{APP}/stream", json=payload) as r:
+        r.read()
+    outputs = [e["output"] for e in sse_events(r)]
+    assert outputs[-1] == answer and len(outputs) >= 3
+    assert all(answer.startswith(o) for o in outputs)
+
+
 def test_invalid_json_is_422(raw_emu, client):
     r = client.post(f"{raw_emu.run_url}/{APP}", content=b"{nope", headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"

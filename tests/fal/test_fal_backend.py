@@ -22,24 +22,6 @@ from mantis_llm.emulator import FORBIDDEN_KEY, HANG, Faults, JobError, expected_
 from mantis_llm.images import ImageOptions
 
 
-@pytest.fixture
-def make(fresh_emu):
-    made = []
-
-    def _make(**kw):
-        kw.setdefault("api_key", fresh_emu.key)
-        kw.setdefault("timeout", 20)
-        for name in ("queue_url", "run_url", "rest_url", "cdn_url"):
-            kw.setdefault(name, getattr(fresh_emu, name))
-        b = FalBackend(**kw)
-        made.append(b)
-        return b
-
-    yield _make
-    for b in made:
-        b.close()
-
-
 def req(prompt="What is in the picture?", images=("https://example.com/cat.jpg",), **params) -> Request:
     return Request(Conversation.from_prompt(prompt, list(images)), GenerationParams(**params))
 
@@ -176,7 +158,7 @@ async def test_stream_mode_async_with_stop(fresh_emu, make):
 
 
 def test_queue_mode_stream_is_one_chunk(fresh_emu, make):
-    chunks = list(make().stream(req()))
+    chunks = list(make(mode="queue").stream(req()))
     assert len(chunks) == 1 and chunks[0].text == expected(fresh_emu) and chunks[0].response.text == expected(fresh_emu)
 
 

@@ -382,3 +382,87 @@ def test_interrupt_after_submit_cancels_then_reraises():
     assert cancel.request.method == "PUT" and cancel.request.extensions["timeout"]["read"] == _config.CANCEL_TIMEOUT
     with pytest.raises(KeyboardInterrupt):
         flow.send(resp(202, {"status": "CANCELLATION_REQUESTED"}))
+
+
+def stream_answers(events: list[bytes], *, stream_code: int = 200):
+    """An answer function playing fal: the token stream (its POST, then one chunk per Read;
+    ``stream_code`` 404/405: none), and a queue whose status says COMPLETED at once."""
+    chunks = list(events)
+
+    def answer(action):
+        if isinstance(action, actions.Offload):
+            return action.fn(*action.args)
+        if isinstance(action, (actions.Close, actions.Emit, actions.Sleep)):
+            return None
+        if isinstance(action, actions.Read):
+            return chunks.pop(0) if chunks else b""
+        req = action.request
+        path = req.url.path
+        if req.method == "POST" and path.endswith("/stream"):
+            if stream_code != 200:
+                return resp(stream_code, {"detail": "Not Found"})
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=b"")
+        if req.method == "POST":
+            return resp(200, SUBMIT)
+        if path.endswith("/status/stream"):
+            return resp(404, {"detail": "no"})
+        if path.endswith("/status"):
+            return resp(200, {"status": "COMPLETED"})
+        return resp(200, {"output": "queued answer"})
+
+    return answer
+
+
+@pytest.mark.parametrize("stop", [None, ("cat",)])
+def test_an_ended_token_stream_is_read_to_its_end_and_a_stopped_one_dropped(stop):
+    events = [
+        b'data: {"output": "It is a cat", "partial": true}\n\n',
+        b'data: {"output": "It is a cat. USER: more", "partial": false}\n\n',
+    ]
+    call = make_call(stop=stop)
+    seen, result = drive(_flows.run_flow("stream", call, ImageOptions()), stream_answers(events))
+    assert result is None, result
+    reads = sum(isinstance(a, actions.Read) for a in seen)
+    text = "".join(a.chunk.text for a in seen if isinstance(a, actions.Emit))
+    if stop:  # cut inside the first event: the connection is dropped, nothing more read
+        assert (reads, call.dropped_stream, text) == (1, True, "It is a ")
+    else:  # both events, then one read that finds the end of the body
+        assert (reads, call.dropped_stream, text) == (3, False, "It is a cat. USER: more")
+    kinds = [type(a).__name__ for a in seen]
+    assert kinds.count("Close") == 1 and kinds[kinds.index("Close") - 1] == ("Emit" if stop else "Read")
+
+
+@pytest.mark.parametrize("missing", [404, 405])
+def test_auto_falls_back_to_the_queue_when_the_token_stream_is_missing(missing):
+    call = make_call()
+    answer = stream_answers([], stream_code=missing)
+    seen, result = drive(_flows.run_flow("stream", call, ImageOptions(), fallback=True), answer)
+    assert result is None, result
+    posts = [a.request.url.path for a in seen if isinstance(a, actions.Send) and a.request.method == "POST"]
+    assert posts == ["/fal-ai/mantis-llava-7b-v11/stream", "/fal-ai/mantis-llava-7b-v11"]
+    final = [a for a in seen if isinstance(a, actions.Emit)][-1].chunk.response
+    assert final.text == "queued answer" and final.metrics["mode"] == "queue" and final.request_id == "r-1"
+    assert call.state.token_stream is False  # remembered for the backend's later calls
+    # without fallback (mode "stream"), the 404/405 is the answer
+    seen, result = drive(
+        _flows.run_flow("stream", make_call(), ImageOptions()), stream_answers([], stream_code=missing)
+    )
+    assert isinstance(result, errors.EndpointNotFoundError) and result.status_code == missing
+
+
+def test_text_only_is_resent_once_with_the_placeholder_after_a_422_for_the_image():
+    call = _call.Call(cfg(), _config.SharedState(), Request(Conversation.from_prompt("hi")), rng=random.Random(0))
+    no_image = [{"loc": ["body", "images"], "msg": "List should have at least 1 item", "type": "too_short"}]
+    bodies = []
+
+    def answer(action):
+        if isinstance(action, (actions.Offload, actions.Emit)):
+            return None
+        bodies.append(__import__("json").loads(action.request.content))
+        return resp(422, {"detail": no_image}) if not bodies[-1]["images"] else resp(200, {"output": "hello"})
+
+    seen, result = drive(_flows.run_flow("sync", call, ImageOptions()), answer)
+    assert result is None, result
+    assert [len(b["images"]) for b in bodies] == [0, 1] and bodies[1]["images"][0]["image_url"] == _payload.BLANK_IMAGE
+    assert bodies[1]["prompt"] == f"<image> {_payload.BLANK_NOTE}\n\nhi"
+    assert call.state.needs_image is True and call.metrics["placeholder_image"] is True

@@ -6,7 +6,9 @@ displayed chain is ours).
 
 Decisions recorded here:
 - zero images on fal: the client does not refuse it (the local model answers text-only
-  prompts); the endpoint's 422 comes back as InvalidRequestError naming ``images``.
+  prompts). By default the fal backend retries a 422 for the missing image once with a blank
+  placeholder; sent as is (``text_only="as_is"``), the endpoint's 422 comes back as
+  InvalidRequestError naming ``images``.
 - animated GIFs are not an error: the first frame is used (see ``test_animated_gif_...``).
 - literal ``<image>``/``</s>`` in user text is not an error: it is escaped (see
   ``test_literal_placeholders_...``).
@@ -172,8 +174,8 @@ CASES: list[tuple[str, str, Callable[[Ctx], Any], type[MantisError], str]] = [
     ),
     (
         "zero-images-fal",
-        "fal's endpoint needs an image: its 422 comes back typed",
-        lambda c: c.chat.invoke([HumanMessage("What is in the picture?")]),
+        "fal's endpoint needs an image: sent as is (text_only='as_is'), its 422 comes back typed",
+        lambda c: ChatMantis(backend_options={"text_only": "as_is"}).invoke([HumanMessage("What is in the picture?")]),
         InvalidRequestError,
         "images",
     ),

@@ -161,7 +161,8 @@ def test_the_key_appears_nowhere(secret_emu, other_host, limited_backend, closed
         # ---- every error path
         req = lambda: Request(Conversation.from_prompt("Describe", [img_url]))  # noqa: E731
         b = keep(FalBackend(max_retries=0, timeout=5))
-        expect(errors.InvalidRequestError, lambda: chat.invoke([HumanMessage("no image")]), texts)  # 422
+        as_is = keep(ChatMantis(api_key=SECRET, backend_options={"text_only": "as_is"}))
+        expect(errors.InvalidRequestError, lambda: as_is.invoke([HumanMessage("no image")]), texts)  # 422
         gone = keep(ChatMantis(model="fal-ai/gone"))
         expect(errors.EndpointNotFoundError, lambda: gone.invoke(lc_msg), texts)  # 404
         fresh_emu.script([JobError(500, "Runner crashed", "runner_server_error")])
@@ -181,7 +182,7 @@ def test_the_key_appears_nowhere(secret_emu, other_host, limited_backend, closed
         nowhere = keep(FalBackend(queue_url=f"http://127.0.0.1:{closed_port}"))
         err = expect(errors.BackendError, lambda: nowhere.generate(req()), texts)
         assert err.__cause__ is not None  # the httpx error is chained (and rendered above)
-        streamer = keep(FalBackend(mode="stream"))
+        streamer = keep(FalBackend(mode="stream", text_only="as_is"))  # the endpoint's 422, as is
         expect(
             errors.InvalidRequestError, lambda: streamer.generate(Request(Conversation.from_prompt("no image"))), texts
         )

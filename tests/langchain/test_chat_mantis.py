@@ -303,7 +303,7 @@ async def test_queue_updates_async_in_order_with_queue_position(emu):
             await asyncio.sleep(0.005)
         result = await chat.ainvoke([msg], config={"callbacks": [rec]})
         await blocker
-        streamer = ChatMantis(on_update=seen.append)
+        streamer = ChatMantis(on_update=seen.append, backend_options={"mode": "queue"})  # a queue stream
         async for _ in streamer.astream([msg]):
             pass
     finally:
@@ -318,9 +318,10 @@ async def test_queue_updates_async_in_order_with_queue_position(emu):
     assert [u.status for u in seen][-1] == "COMPLETED"
 
 
-def test_queue_updates_on_the_v3_stream_events_path(chat, emu):
+def test_queue_updates_on_the_v3_stream_events_path(emu):
     """stream_events(version="v3") hands _stream its run manager: updates become events."""
     rec = Recorder()
+    chat = ChatMantis(backend_options={"mode": "queue"})  # streaming on the queue (the default streams tokens)
     stream = chat.stream_events(
         [looks_at("x", {"type": "image", "url": URL_A})], version="v3", config={"callbacks": [rec]}
     )
@@ -375,9 +376,10 @@ def test_bad_key_is_an_authentication_error_without_the_key(emu):
 
 
 def test_fal_422_is_an_invalid_request_error(chat, emu):
-    # fal's Mantis endpoint (and the emulator, like it) wants at least one image
+    # fal's Mantis endpoint (and the emulator, like it) wants at least one image; sent as is
+    # (text_only="as_is"), its 422 comes back typed (by default a blank placeholder is added)
     with pytest.raises(InvalidRequestError) as info:
-        chat.invoke("Hello")
+        ChatMantis(backend_options={"text_only": "as_is"}).invoke("Hello")
     assert info.value.status_code == 422 and "images" in str(info.value)
     emu.script([JobError(422, "image could not be decoded", "image_load_error")])
     with pytest.raises(InvalidRequestError, match="image could not be decoded"):
@@ -521,7 +523,7 @@ def test_key_never_in_repr_serialization(emu, monkeypatch):
         ({"top_p": 0, "max_tokens": "many"}, "max_tokens: Input should be a valid integer, unable to "
          "parse string as an integer; top_p: Input should be greater than 0"),
         ({"stop": ["ok", 3]}, "stop[1]: Input should be a valid string"),
-        ({"backend": "gpu"}, "backend: Input should be 'fal' or 'local', or a Backend instance, not 'gpu'"),
+        ({"backend": "gpu"}, "backend: Input should be 'fal', 'local' or 'openai', or a Backend instance, not 'gpu'"),
         ({"model_name": 7}, "model_name: Input should be a valid string"),
         ({"timeout": 0, "max_retries": -1}, "timeout: Input should be greater than 0; "
          "max_retries: Input should be greater than or equal to 0"),

@@ -94,7 +94,7 @@ def test_import_pulls_no_torch():
         ({"timeout": -1, "context_window": 0}, "timeout: Input should be greater than 0; "
          "context_window: Input should be greater than or equal to 1"),
         ({"stop": [""]}, "stop=('',) is invalid: every stop sequence must be a non-empty string"),
-        ({"backend": "gpu"}, "backend: Input should be 'fal' or 'local', or a Backend instance, not 'gpu'"),
+        ({"backend": "gpu"}, "backend: Input should be 'fal', 'local' or 'openai', or a Backend instance, not 'gpu'"),
         ({"temprature": 0.2}, "temprature: Extra inputs are not permitted"),  # misspelt, not ignored
         ({"api_key": ["sk-very-secret"]}, "api_key: Input should be a valid string"),
     ],
@@ -207,7 +207,10 @@ async def test_complete_and_acomplete_with_image_documents(model, received, imag
 
 
 async def test_text_only_complete_reaches_fal_and_its_422(model, received):
-    # A bool in the image_documents slot is a positional ``formatted``, not an image list.
+    # sent as is (text_only="as_is"; by default a blank placeholder image is added), the
+    # endpoint's 422 comes back typed. A bool in the image_documents slot is a positional
+    # ``formatted``, not an image list.
+    model = type(model)(backend_options={"text_only": "as_is"})
     with pytest.raises(InvalidRequestError) as exc:
         model.complete("no picture", True)
     assert exc.value.status_code == 422 and "images" in str(exc.value)

@@ -18,7 +18,7 @@ from .._http.actions import Flow
 from .._http.retry import Deadline, send_with_retries
 from ._config import STEP_TIMEOUT, FalConfig, SharedState
 from ._errors import error_for_response, timeout_error, transport_error
-from ._policy import StepKind, should_retry_exception, should_retry_response
+from ._policy import StepKind, may_have_created_job, should_retry_exception, should_retry_response
 
 logger = logging.getLogger("mantis_llm.fal")
 
@@ -68,10 +68,20 @@ class Call:
         self.deadline = Deadline(cfg.timeout, clock)
         self.request_id: str | None = None
         self.submitted: float | None = None
-        self.metrics: dict[str, Any] = {"retries": 0, "status_requests": 0, "uploads": 0}
+        self.metrics: dict[str, Any] = {"retries": 0, "status_requests": 0, "uploads": 0, "possible_duplicates": 0}
         self.changed = False  # whether the last observed status differed from the one before
+        self.emitted = False  # whether text reached the caller (a call that did cannot start over)
+        self.dropped_stream = False  # whether a stream was closed mid-body on purpose (a stop sequence)
         self._last: tuple[str, int | None] | None = None
         self._seen_logs: list[dict[str, Any]] = []
+
+    def restart(self) -> None:
+        """Forget the job of a rejected attempt before the call sends its input again (same
+        deadline, same counters); updates then follow the new job from its start."""
+        self.request_id = self.submitted = self._last = None
+        self._seen_logs = []
+        for name in ("request_id", "queue_time", "inference_time", "status_transport"):
+            self.metrics.pop(name, None)
 
     def remaining(self) -> float:
         return self.deadline.remaining()
@@ -119,19 +129,29 @@ class Call:
         """Send ``build(timeout)`` until it succeeds, retrying what ``kind`` allows.
 
         Returns the successful response (with ``stream``: its body not read yet); raises the
-        typed error otherwise.
+        typed error otherwise. With ``submit_policy="at_least_once"`` a job-creating step is
+        also resent after failures that may have created the job, each such resend counted
+        in ``metrics["possible_duplicates"]``.
         """
+        resend = kind == "creates_job" and self.cfg.submit_policy == "at_least_once"
+        last: list[httpx.Response | httpx.HTTPError] = []  # the failure the next retry follows
+
+        def judged(outcome: httpx.Response | httpx.HTTPError, verdict: bool) -> bool:
+            last[:] = [outcome]
+            return verdict
 
         def retried() -> None:
             self.metrics["retries"] += 1
+            if resend and may_have_created_job(last[0]):
+                self.metrics["possible_duplicates"] += 1
 
         result = yield from send_with_retries(
             build,
             deadline=self.deadline,
             max_retries=self.cfg.max_retries,
             rng=self.rng,
-            retry_exception=lambda exc: should_retry_exception(kind, exc),
-            retry_response=lambda resp: should_retry_response(kind, resp),
+            retry_exception=lambda exc: judged(exc, should_retry_exception(kind, exc, resend=resend)),
+            retry_response=lambda resp: judged(resp, should_retry_response(kind, resp, resend=resend)),
             cap=cap,
             stream=stream,
             on_retry=retried,
@@ -139,7 +159,7 @@ class Call:
             logger=logger,
         )
         if isinstance(result, httpx.HTTPError):
-            raise transport_error(step, kind, result, self.request_id)
+            raise transport_error(step, kind, result, self.request_id, resend=resend)
         if not result.is_success:
             raise error_for_response(result, step=step, endpoint=self.cfg.endpoint, request_id=self.request_id)
         return result

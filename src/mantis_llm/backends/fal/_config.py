@@ -1,11 +1,11 @@
 """What a fal call needs to know about its backend: settings (immutable) and the state
-shared across calls (upload cache, storage token, whether the status stream exists)."""
+shared across calls (upload cache, storage token, what the endpoint showed it lacks or needs)."""
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from pydantic import SecretStr
@@ -23,6 +23,14 @@ CANCEL_TIMEOUT = 3.0  # the best-effort cancel PUT
 STATUS_STREAM_IDLE = 5.0  # reopen a silent status stream after this long (bounds deadline overshoot)
 POLL_START, POLL_GROWTH, POLL_MAX = 0.02, 1.3, 1.0  # adaptive polling interval (seconds)
 STREAM_REOPENS = 3  # status streams that end without COMPLETED, in a row, before polling instead
+DRAIN_TIMEOUT = 1.0  # reading a stream the server is ending to its end (see _flows.finish)
+
+TextOnly = Literal["retry", "as_is", "placeholder"]
+"""What a request without images sends: ``images: []`` then, on fal's 422 for the missing
+image, once more with a blank placeholder (``"retry"``); ``images: []`` only (``"as_is"``);
+the placeholder from the start (``"placeholder"``)."""
+SubmitPolicy = Literal["at_most_once", "at_least_once"]
+"""Whether a POST that creates a job is resent after a failure that may have created one."""
 
 
 def origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
@@ -46,6 +54,8 @@ class FalConfig:
     with_logs: bool = False
     upload_threshold: int = 1_000_000
     extra_input: dict[str, Any] = field(default_factory=dict)
+    text_only: TextOnly = "retry"
+    submit_policy: SubmitPolicy = "at_most_once"
 
     @functools.cached_property
     def trusted_origins(self) -> frozenset[tuple[str, str, int | None]]:
@@ -97,3 +107,5 @@ class SharedState:
     uploads: dict[str, str] = field(default_factory=dict)  # sha256 -> access_url
     token: CdnToken | None = None
     status_stream: bool = True  # False once the server showed it has no status stream
+    token_stream: bool = True  # False once the endpoint answered 404/405 for {run_url}/{endpoint}/stream
+    needs_image: bool = False  # True once the endpoint rejected a request for having no image

@@ -60,6 +60,12 @@ def error_for_response(resp: httpx.Response, *, step: str, endpoint: str, reques
             f"endpoint may have been retired; pass another endpoint/model id. fal said: {text}",
             **kw,
         )
+    if code in (404, 405) and step == "stream":
+        return EndpointNotFoundError(
+            f"fal answered HTTP {code} for the token stream of {endpoint!r}: the endpoint has no token stream "
+            f"(or the id is wrong); mode='auto' falls back to the queue, mode='queue' never streams. fal said: {text}",
+            **kw,
+        )
     if code == 422:
         return InvalidRequestError(f"fal rejected the input for {endpoint!r}: {text}", **kw)
     if code == 413:
@@ -77,13 +83,35 @@ def error_for_response(resp: httpx.Response, *, step: str, endpoint: str, reques
     return BackendError(f"{what}: {text or 'HTTP ' + str(code)}", **kw)
 
 
-def transport_error(step: str, kind: StepKind, exc: httpx.HTTPError, request_id: str | None) -> MantisError:
+def asks_for_an_image(exc: MantisError) -> bool:
+    """Whether a 422 rejected the input for having no image (the endpoint wants at least one):
+    a pydantic-style error on ``images`` itself (``too_short``/``min_items``, "at least 1"),
+    or a plain-string detail saying an image is required."""
+    if exc.status_code != 422:
+        return False
+    for item in exc.detail if isinstance(exc.detail, list) else [exc.detail]:
+        if isinstance(item, dict):
+            loc = [p for p in item.get("loc") or [] if p != "body"]
+            kind, msg = str(item.get("type", "")), str(item.get("msg", "")).lower()
+            if loc == ["images"] and (kind in ("too_short", "value_error.list.min_items") or "at least 1" in msg):
+                return True
+        elif isinstance(item, str):
+            text = item.lower()
+            if "image" in text and any(w in text for w in ("at least 1", "at least one", "required")):
+                return True
+    return False
+
+
+def transport_error(
+    step: str, kind: StepKind, exc: httpx.HTTPError, request_id: str | None, *, resend: bool = False
+) -> MantisError:
     """The error for a request that got no answer (connection refused, dropped, timed out)."""
     what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    if kind == "creates_job" and not should_retry_exception(kind, exc):
+    if kind == "creates_job" and not resend and not should_retry_exception(kind, exc):
         err = BackendError(
             f"fal {step} failed after the request was sent ({what}); fal may or may not have "
-            "started the job, so it was not resent (a resend could run and bill it twice)",
+            "started the job, so it was not resent (a resend could run and bill it twice; "
+            "submit_policy='at_least_once' resends it)",
             request_id=request_id,
         )
     else:

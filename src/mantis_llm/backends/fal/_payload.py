@@ -14,7 +14,7 @@ from pydantic import SecretStr
 
 from ...errors import AuthenticationError, BackendError
 from ...images import Download, EncodedImage, ImageOptions, _labeled, encode_bytes, encode_for_fal
-from ...prompt import render
+from ...prompt import IMAGE_TOKEN, render
 from ...types import Image
 from .._http.actions import Flow, close, offload, read, send
 from .._http.responses import json_body
@@ -22,6 +22,17 @@ from ._call import Call
 from ._config import CdnToken
 
 logger = logging.getLogger("mantis_llm.fal")
+
+# A 64x64 white PNG (134 bytes): what a text-only question carries to an endpoint that
+# requires an image (see FalBackend's ``text_only``), with a note telling the model to ignore it.
+BLANK_IMAGE = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAEAAAABACAIAAAAlC+aJAAAATUlEQVR42u3PQQ0AAAgEILV/5zOFDzdoQCepz6aeE"
+    "xAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQELi3cqoDfaKuZM4AAAAASUVORK5CYII="
+)
+BLANK_NOTE = (
+    "(System note: the image above is a blank placeholder, sent only because this endpoint requires an "
+    "image; ignore it and answer from the text alone.)"
+)
 
 
 def token_from_response(data: Any, now: float) -> CdnToken:
@@ -156,3 +167,13 @@ def build_payload(call: Call, options: ImageOptions) -> Flow[dict[str, Any]]:
             payload[name] = value
     payload.update(call.cfg.extra_input)
     return payload
+
+
+def with_placeholder(payload: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` (text only) with the blank placeholder image and, before the text, the note
+    that it is blank and to be ignored."""
+    return {
+        **payload,
+        "prompt": f"{IMAGE_TOKEN} {BLANK_NOTE}\n\n{payload['prompt']}",
+        "images": [{"image_url": BLANK_IMAGE}],
+    }

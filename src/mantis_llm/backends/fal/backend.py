@@ -1,14 +1,16 @@
 """FalBackend: Mantis hosted at fal, over httpx.
 
 The protocol (requests, retries, errors, deadlines) lives in the sibling modules as flows
-(:mod:`._flows`); this module holds the settings and the connection pools, and runs the
-flows with the shared drivers, once with an :class:`httpx.Client` and once with an
+(:mod:`._flows`); this module holds the settings and the connection pools (and their
+closing: at loop shutdown, when a backend is collected, at exit), and runs the flows with
+the shared drivers, once with an :class:`httpx.Client` and once with an
 :class:`httpx.AsyncClient`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import functools
 import logging
@@ -16,6 +18,7 @@ import math
 import os
 import ssl
 import threading
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -33,13 +36,26 @@ from .._http.actions import Flow
 from .._http.drivers import adrive, drive
 from ..base import Backend, OnUpdate, require_request
 from ._call import Call
-from ._config import DEFAULT_CDN_URL, DEFAULT_QUEUE_URL, DEFAULT_REST_URL, DEFAULT_RUN_URL, FalConfig, SharedState
+from ._config import (
+    DEFAULT_CDN_URL,
+    DEFAULT_QUEUE_URL,
+    DEFAULT_REST_URL,
+    DEFAULT_RUN_URL,
+    FalConfig,
+    SharedState,
+    SubmitPolicy,
+    TextOnly,
+)
 from ._flows import FLOWS, Mode, run_flow
 
 logger = logging.getLogger("mantis_llm.fal")
 
 _LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=100)
 _SHARD_CALLS = 16  # concurrent calls per pooled AsyncClient (see FalBackend._async_client)
+_EXIT_CLOSE_TIMEOUT = 2.0  # seconds the interpreter's exit waits for one loop's clients to close
+_FINALIZER_ROUNDS = 16  # a dropped stream's byte iterators close one after another (httpx nests several)
+_FINALIZER_WAIT = 1.0  # seconds one round waits for them
+_ACLOSE = "async_generator_athrow"  # the type of agen.aclose(): what asyncio's finalizer tasks run
 
 
 @functools.lru_cache(maxsize=1)
@@ -93,12 +109,101 @@ async def _close_at_shutdown(shards: dict[httpx.AsyncClient, int]) -> AsyncGener
             await client.aclose()
 
 
+Closer = AsyncGenerator[None, None]
+
+
+Pools = dict[asyncio.AbstractEventLoop, tuple[dict[httpx.AsyncClient, int], Closer]]
+"""One backend's pooled AsyncClients per event loop (with calls in flight), and their closer."""
+
+
+# The parked closers must outlive their backend: a closer collected while its loop is open
+# has its cleanup scheduled as a task by asyncio's async-generator finalizer, and a loop
+# stopped and closed right after (``run_until_complete`` + ``close()``) then reports at exit
+# "Task was destroyed but it is pending!". A collected backend's closers wait here for that
+# loop's next FalBackend call, its shutdown (``asyncio.run``) or the interpreter's exit.
+_ORPHANS: dict[asyncio.AbstractEventLoop, list[Closer]] = {}
+_LIVE: weakref.WeakSet[FalBackend] = weakref.WeakSet()
+# Reentrant, and the dicts emptied with popitem(): a garbage collection inside a locked block
+# may collect a backend and run _orphan in the same thread.
+_REGISTRY = threading.RLock()
+
+
+def _orphan(pools: Pools) -> None:
+    """A backend was collected: keep its closers of loops still open (see ``_ORPHANS``)."""
+    with _REGISTRY:
+        while pools:
+            loop, (_, closer) = pools.popitem()
+            if not loop.is_closed():
+                _ORPHANS.setdefault(loop, []).append(closer)
+
+
+async def _aclose_all(closers: list[Closer]) -> None:
+    for closer in closers:
+        with contextlib.suppress(Exception):  # a client that fails to close must not stop the others
+            await closer.aclose()
+
+
+async def _close_orphans(loop: asyncio.AbstractEventLoop) -> None:
+    """Close, on their own loop, the clients of collected backends that used this loop."""
+    with _REGISTRY:
+        closers = _ORPHANS.pop(loop, [])
+        for old in [lp for lp in _ORPHANS.copy() if lp.is_closed()]:
+            _ORPHANS.pop(old, None)  # nothing can close them any more; let the loop go
+    await _aclose_all(closers)
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Close the pooled async clients still open on loops that can still run: one running in
+    a daemon thread (a worker's), or one stopped but not closed (a notebook kernel's), so the
+    interpreter's teardown finds no open socket. A closed loop's sockets cannot be closed."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[Closer]] = {}
+    with _REGISTRY:
+        for backend in list(_LIVE):
+            _orphan(backend._async_clients)
+        while _ORPHANS:
+            loop, closers = _ORPHANS.popitem()
+            by_loop.setdefault(loop, []).extend(closers)
+    for loop, closers in by_loop.items():
+        if loop.is_closed():
+            continue
+        try:
+            if loop.is_running():  # in another thread: atexit runs once the main thread is done
+                asyncio.run_coroutine_threadsafe(_aclose_all(closers), loop).result(_EXIT_CLOSE_TIMEOUT)
+            else:
+                loop.run_until_complete(asyncio.wait_for(_aclose_all(closers), _EXIT_CLOSE_TIMEOUT))
+        except Exception:  # noqa: BLE001 - best effort at exit: never fail the interpreter's shutdown
+            logger.debug("fal: could not close pooled clients at exit", exc_info=True)
+
+
+async def _let_finalizers_run() -> None:
+    """Let asyncio finish closing the byte iterators of a stream the call dropped mid-body
+    (a stop sequence): httpx leaves a chain of them suspended, and asyncio closes each in a
+    task of its own, which a loop closed right after the call (``run_until_complete`` +
+    ``close()``) would report at exit as "Task was destroyed but it is pending!"."""
+    me = asyncio.current_task()
+    for _ in range(_FINALIZER_ROUNDS):
+        await asyncio.sleep(0)  # the loop turns the scheduled finalizers into tasks
+        closing = [t for t in asyncio.all_tasks() if t is not me and type(t.get_coro()).__name__ == _ACLOSE]
+        if not closing:
+            return
+        await asyncio.wait(closing, timeout=_FINALIZER_WAIT)
+
+
 class FalBackend(Backend):
     """Runs Mantis on fal (``fal-ai/mantis-llava-7b-v11`` by default).
 
     Modes:
 
-    ``"queue"`` (default)
+    ``"auto"`` (default)
+        :meth:`generate`, :meth:`agenerate` and the batches use the queue (below: its
+        retries, queue updates and cancel-on-timeout); :meth:`stream` and :meth:`astream`
+        use the token stream (below), so ``ChatMantis().stream()``, LlamaIndex's
+        ``stream_chat`` and ``mantis-llm ask --stream`` show the text as it is generated.
+        When the endpoint answers 404 or 405 for its token stream, that streaming call runs
+        on the queue instead (one chunk, queue updates reach ``on_update``) and the backend
+        remembers it: its later streaming calls go to the queue directly.
+    ``"queue"``
         fal's queue: submit, follow the status stream (SSE; polling from 20 ms up to 1 s
         when the stream is unavailable), fetch the result. ``on_update`` sees the queue
         position and (``with_logs=True``) the app's log lines; a timeout or cancellation
@@ -107,9 +212,19 @@ class FalBackend(Backend):
     ``"sync"``
         One POST to ``run_url``: the fewest round trips, no updates, no server-side retries.
     ``"stream"``
-        fal's direct SSE endpoint (``{run_url}/{endpoint}/stream``): ``stream()`` yields the
-        text as it is generated; stopping early (stop sequence, timeout) drops the
-        connection, which cancels the run at fal.
+        Every call on fal's direct SSE endpoint (``{run_url}/{endpoint}/stream``): ``stream()``
+        yields the text as it is generated (``generate()`` joins it); no queue updates, no
+        fallback (an endpoint without it is an EndpointNotFoundError); stopping early (stop
+        sequence, timeout) drops the connection, which cancels the run at fal.
+
+    Text-only questions (no image in the conversation): whether the endpoint takes them is
+    undocumented. ``text_only="retry"`` (default) sends ``images: []``; if fal rejects that
+    for the missing image (a 422 on ``images``: ``too_short``, "at least 1"), the call is sent
+    once more with a blank 64x64 white PNG placeholder and a note before the text saying
+    it is blank and to be ignored, and the backend remembers that the endpoint needs an
+    image (its later text-only calls carry the placeholder from the start). ``"as_is"``
+    sends ``images: []`` only (fal's answer, a 422 included, stands); ``"placeholder"``
+    always adds the placeholder. ``metrics["placeholder_image"]`` is True when it was sent.
 
     Args:
         endpoint: fal endpoint id.
@@ -118,11 +233,20 @@ class FalBackend(Backend):
             queue/run/REST hosts below.
         queue_url, run_url, rest_url, cdn_url: base URLs; else the env vars
             ``FAL_QUEUE_URL``, ``FAL_RUN_URL``, ``FAL_REST_URL``, ``FAL_CDN_URL``; else fal's.
+        mode: ``"auto"``, ``"queue"``, ``"sync"`` or ``"stream"`` (above).
         timeout: seconds for the whole call (upload, queue, generation, result); default 600.
         max_retries: retries per HTTP step (default 5) for what is safe to retry: 408/409/429
             (honouring ``Retry-After``), fal-ingress 502/503/504, connection errors on reads,
             and 500/502/503/504 on the result of a job whose status said COMPLETED without an
             error. A submit is retried only when fal's answer proves no job was created.
+        submit_policy: ``"at_most_once"`` (default): a POST that creates a job (submit, sync
+            run, token stream) is never resent after a failure that may have created the job
+            (a dropped connection after sending, a 500): the call fails with a BackendError
+            saying so, as a resend could run and bill the job twice. ``"at_least_once"``
+            resends it like a read (transport errors, 408/409/429, 5xx), within
+            ``max_retries``; each resend that may duplicate a job is counted in
+            ``metrics["possible_duplicates"]``.
+        text_only: ``"retry"`` (default), ``"as_is"`` or ``"placeholder"`` (above).
         client, async_client: your own httpx clients (used as they are, never closed here).
         upload_threshold: local images whose data URI is longer than this many bytes are
             uploaded to fal storage (once per content, for the backend's life) and sent by URL.
@@ -134,9 +258,10 @@ class FalBackend(Backend):
 
     Responses have ``finish_reason="stop"`` when one of our stop sequences cut the text
     (fal applies none; we trim client-side), else None: fal reports no finish reason and
-    no token counts (``usage`` is None). ``metrics`` has the request id, ``elapsed``,
-    ``queue_time``, ``inference_time``, ``status_transport`` (sse/poll), ``status_requests``,
-    ``retries`` and ``uploads``.
+    no token counts (``usage`` is None). ``metrics`` has the request id, ``mode`` (the flow
+    that answered: queue, sync or stream), ``elapsed``, ``queue_time``, ``inference_time``,
+    ``status_transport`` (sse/poll), ``status_requests``, ``retries``,
+    ``possible_duplicates``, ``uploads`` and, when sent, ``placeholder_image``.
 
     Async use: pooled httpx async clients are kept per event loop (an httpx client cannot
     cross loops; one client per 16 concurrent calls), so the backend also works from several
@@ -145,7 +270,9 @@ class FalBackend(Backend):
     :meth:`close` for loops ended otherwise. On ``asyncio`` cancellation the
     job is cancelled at fal and ``CancelledError`` propagates. On ``KeyboardInterrupt`` in
     sync code the job is cancelled too and the ``KeyboardInterrupt`` propagates (turning it
-    into an ordinary exception would let ``except Exception`` swallow Ctrl-C).
+    into an ordinary exception would let ``except Exception`` swallow Ctrl-C). A script that
+    never calls :meth:`close` exits quietly: the pooled sync client is closed when the
+    backend is garbage collected or the interpreter exits.
     """
 
     provider: ClassVar[str] = "fal"
@@ -159,9 +286,11 @@ class FalBackend(Backend):
         run_url: str | None = None,
         rest_url: str | None = None,
         cdn_url: str | None = None,
-        mode: Mode = "queue",
+        mode: Mode = "auto",
         timeout: float | None = None,
         max_retries: int = 5,
+        submit_policy: SubmitPolicy = "at_most_once",
+        text_only: TextOnly = "retry",
         client: httpx.Client | None = None,
         async_client: httpx.AsyncClient | None = None,
         upload_threshold: int = 1_000_000,
@@ -171,7 +300,12 @@ class FalBackend(Backend):
         extra_input: dict[str, Any] | None = None,
         max_concurrency: int = 16,
     ) -> None:
-        check_option(isinstance(mode, str) and mode in FLOWS, "mode", f"one of {tuple(FLOWS)}", mode)
+        modes = ("auto", *FLOWS)
+        check_option(isinstance(mode, str) and mode in modes, "mode", f"one of {modes}", mode)
+        policies = ("at_most_once", "at_least_once")
+        check_option(submit_policy in policies, "submit_policy", f"one of {policies}", submit_policy)
+        text_modes = ("retry", "as_is", "placeholder")
+        check_option(text_only in text_modes, "text_only", f"one of {text_modes}", text_only)
         if not isinstance(endpoint, str) or endpoint.strip("/").count("/") < 1:
             raise ConfigurationError(f"fal endpoint id {endpoint!r} must look like 'owner/app'")
         check_option(
@@ -224,12 +358,17 @@ class FalBackend(Backend):
             with_logs=with_logs,
             upload_threshold=upload_threshold,
             extra_input=dict(extra_input or {}),
+            text_only=text_only,
+            submit_policy=submit_policy,
         )
         self._state = SharedState()
         self._user_client, self._user_async_client = client, async_client
         self._client: httpx.Client | None = None
+        self._client_closer: weakref.finalize | None = None  # closes _client at GC or exit
         # per event loop: ({AsyncClient: calls in flight}, the generator that closes them at loop shutdown)
-        self._async_clients: dict[asyncio.AbstractEventLoop, tuple[dict[httpx.AsyncClient, int], Any]] = {}
+        self._async_clients: Pools = {}
+        _LIVE.add(self)
+        weakref.finalize(self, _orphan, self._async_clients).atexit = False  # at exit: _close_at_exit
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ config views
@@ -273,6 +412,10 @@ class FalBackend(Backend):
         with self._lock:
             if self._client is None:
                 self._client = httpx.Client(limits=_LIMITS, verify=_ssl_context(), follow_redirects=False)
+                # A script that never calls close() would leave the pooled socket to the
+                # interpreter's teardown ("ResourceWarning: unclosed <socket ...>"): close the
+                # client when the backend is collected, or at exit (finalize runs at exit too).
+                self._client_closer = weakref.finalize(self, self._client.close)
             return self._client
 
     @contextlib.asynccontextmanager
@@ -288,6 +431,8 @@ class FalBackend(Backend):
             yield self._user_async_client
             return
         loop = asyncio.get_running_loop()
+        if _ORPHANS:  # unlocked peek: a miss only delays this to the next call
+            await _close_orphans(loop)
         closer = None
         with self._lock:
             pool = self._async_clients.get(loop)
@@ -319,16 +464,19 @@ class FalBackend(Backend):
         Loops run by ``asyncio.run()`` or ``asyncio.Runner`` closed their pool's connections
         as they shut down, so nothing is left for the garbage collector (and no
         ``ResourceWarning``). Pools of loops still open (running in another thread, say) are
-        left alone: their calls may be in flight; :meth:`aclose` inside the loop closes them.
-        A loop closed by a bare ``loop.close()`` (no ``shutdown_asyncgens()``) cannot close
-        its sockets any more: forgetting its pool leaves them to the garbage collector.
+        left alone: their calls may be in flight; :meth:`aclose` inside the loop closes them,
+        and so does the interpreter's exit. A loop closed by a bare ``loop.close()`` (no
+        ``shutdown_asyncgens()``) cannot close its sockets any more: forgetting its pool
+        leaves them to the garbage collector (a ``ResourceWarning`` where those are shown;
+        nothing is printed otherwise). A backend collected without ``close()`` leaves its
+        pools to the loop's next FalBackend call, the loop's shutdown or the exit.
         """
         with self._lock:
-            client, self._client = self._client, None
+            closer, self._client, self._client_closer = self._client_closer, None, None
             for loop in [lp for lp in self._async_clients if lp.is_closed()]:
                 del self._async_clients[loop]
-        if client is not None:
-            client.close()
+        if closer is not None:
+            closer()  # closes the client, once
 
     async def aclose(self) -> None:
         """Close the pooled clients (the async ones of the running loop included)."""
@@ -341,40 +489,66 @@ class FalBackend(Backend):
 
     # ------------------------------------------------------------------ drivers
 
-    def _flow(self, request: Request, on_update: OnUpdate | None) -> Flow[None]:
-        call = Call(self._config, self._state, require_request(self, request), on_update=on_update)
-        call.metrics["mode"] = self.mode
-        return run_flow(self.mode, call, self.image_options)
+    def _flow(self, call: Call, *, streaming: bool) -> Flow[None]:
+        """The flow for one call: in mode "auto", the token stream for a streaming call
+        (falling back to the queue), the queue otherwise."""
+        mode = ("stream" if streaming else "queue") if self.mode == "auto" else self.mode
+        return run_flow(mode, call, self.image_options, fallback=self.mode == "auto")
+
+    def _call(self, request: Request, on_update: OnUpdate | None) -> Call:
+        return Call(self._config, self._state, require_request(self, request), on_update=on_update)
+
+    def _drive(self, request: Request, on_update: OnUpdate | None, *, streaming: bool) -> Iterator[Chunk]:
+        call = self._call(request, on_update)
+        yield from drive(self._flow(call, streaming=streaming), self._sync_client())
+
+    async def _adrive(
+        self, request: Request, on_update: OnUpdate | None, *, streaming: bool
+    ) -> AsyncGenerator[Chunk, None]:
+        call = self._call(request, on_update)
+        async with self._async_client() as client:
+            agen = adrive(self._flow(call, streaming=streaming), client)
+            try:
+                async for chunk in agen:
+                    yield chunk
+            finally:
+                await agen.aclose()
+        if call.dropped_stream:
+            await _let_finalizers_run()
 
     # ------------------------------------------------------------------ Backend API
 
     def generate(self, request: Request, *, on_update: OnUpdate | None = None) -> Response:
-        """Run one request to completion (in stream mode the chunks are joined)."""
+        """Run one request to completion (on the queue in mode "auto"; in mode "stream"
+        the chunks are joined)."""
         response = None
-        for chunk in self.stream(request, on_update=on_update):
+        for chunk in self._drive(request, on_update, streaming=False):
             response = chunk.response or response
         assert response is not None  # every flow ends by emitting its Response
         return response
 
     async def agenerate(self, request: Request, *, on_update: OnUpdate | None = None) -> Response:
         response = None
-        async for chunk in self.astream(request, on_update=on_update):
-            response = chunk.response or response
+        agen = self._adrive(request, on_update, streaming=False)
+        try:
+            async for chunk in agen:
+                response = chunk.response or response
+        finally:
+            await agen.aclose()
         assert response is not None  # every flow ends by emitting its Response
         return response
 
     def stream(self, request: Request, *, on_update: OnUpdate | None = None) -> Iterator[Chunk]:
-        """Text chunks as fal produces them (mode "stream"), else the whole answer at once."""
-        yield from drive(self._flow(request, on_update), self._sync_client())
+        """Text chunks as fal produces them (modes "auto" and "stream"), else the whole answer at once."""
+        yield from self._drive(request, on_update, streaming=True)
 
     async def astream(self, request: Request, *, on_update: OnUpdate | None = None) -> AsyncIterator[Chunk]:
-        async with self._async_client() as client:
-            agen = adrive(self._flow(request, on_update), client)
-            try:
-                async for chunk in agen:
-                    yield chunk
-            finally:
-                await agen.aclose()
+        agen = self._adrive(request, on_update, streaming=True)
+        try:
+            async for chunk in agen:
+                yield chunk
+        finally:
+            await agen.aclose()
 
     def generate_batch(self, requests: Sequence[Request]) -> list[Response]:
         """Run the requests concurrently on the pooled client (threads); order is kept."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import json
 import threading
 import time
 import uuid
@@ -62,6 +63,43 @@ class _Hang:
 HANG: Any = _Hang()  # script entry / callable return value: the job never finishes
 ScriptEntry = str | JobError | object | None
 Script = collections.deque[ScriptEntry] | Callable[[Any], ScriptEntry]
+
+
+def parse_script(data: Any) -> list[ScriptEntry]:
+    """Script entries from JSON data (``python -m mantis_llm.emulator --script FILE``).
+
+    ``data`` is a list, one entry per job in order: a string is the answer (``"HANG"``: the
+    job never finishes), ``null`` lets the fake model answer, ``{"answer": "..."}`` is an
+    answer taken literally (even ``"HANG"``), and ``{"error": {"status_code": 503, "detail":
+    "Runner disconnected", "error_type": "runner_disconnected"}}`` fails the job
+    (:class:`JobError`; each key optional). Raises ValueError naming the bad entry.
+    """
+    if not isinstance(data, list):
+        raise ValueError(f"a script is a JSON list of entries, not {type(data).__name__}")
+    out: list[ScriptEntry] = []
+    defaults = JobError()
+    for i, item in enumerate(data):
+        where = f"script entry {i}"
+        if item is None or isinstance(item, str):
+            out.append(HANG if item == "HANG" else item)
+        elif isinstance(item, dict) and set(item) == {"answer"} and isinstance(item["answer"], str):
+            out.append(item["answer"])
+        elif isinstance(item, dict) and set(item) == {"error"} and isinstance(item["error"], dict):
+            err = item["error"]
+            unknown = set(err) - {"status_code", "detail", "error_type"}
+            code = err.get("status_code", defaults.status_code)
+            if unknown:
+                raise ValueError(f"{where}: unknown error keys {sorted(unknown)} (status_code, detail, error_type)")
+            if isinstance(code, bool) or not isinstance(code, int) or not 400 <= code <= 599:
+                raise ValueError(f"{where}: status_code must be an HTTP error status (400-599), not {code!r}")
+            if not all(isinstance(err.get(k, ""), str) for k in ("detail", "error_type")):
+                raise ValueError(f"{where}: detail and error_type must be strings")
+            out.append(JobError(code, err.get("detail", defaults.detail), err.get("error_type", defaults.error_type)))
+        else:
+            raise ValueError(
+                f'{where}: expected a string, null, {{"answer": str}} or {{"error": {{...}}}}, not {json.dumps(item)}'
+            )
+    return out
 
 
 @dataclass

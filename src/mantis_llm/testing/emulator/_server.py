@@ -15,9 +15,13 @@ URL layout (``emu.url`` is ``http://127.0.0.1:PORT``)::
     GET  {url}/{owner}/{app}/requests/{id}/status/stream   SSE, one status per change
     GET  {url}/{owner}/{app}/requests/{id}             the result (or the job's error)
     PUT  {url}/{owner}/{app}/requests/{id}/cancel      202 / 400 ALREADY_COMPLETED / 404
-    POST {url}/run/{owner}/{app}[/stream]              sync run (JSON or SSE of partial outputs)
+    POST {url}/run/{owner}/{app}[/stream]              sync run (JSON or SSE of partial outputs;
+                                                       /stream answers 404/405 with stream_endpoint=False/405)
     POST {url}/rest/storage/auth/token?storage_type=fal-cdn-v3     CDN token
     POST {url}/cdn/files/upload   (Bearer token)       -> {"access_url": "{url}/cdn/files/<id>/<name>"}
+
+Two switches stand for what the live endpoint may do (its schema is undocumented):
+``require_images`` (a 422 for ``"images": []``, the default) and ``stream_endpoint``.
 
 This module is the HTTP side (routes, authentication, fault injection per request, SSE);
 :mod:`._jobs` holds the queue and the fake model, :mod:`._validation` the input checks,
@@ -108,6 +112,17 @@ class _Handler(BaseHTTPRequestHandler):
         logger.debug("emulator: " + format, *args)
 
 
+def _stream_status(value: bool | int) -> int | None:
+    """None when the token stream is served, else the status that answers it (404 or 405)."""
+    if value is True:
+        return None
+    if value is False:
+        return 404
+    if value in (404, 405) and not isinstance(value, bool):
+        return int(value)
+    raise ValueError(f"stream_endpoint must be True, False, 404 or 405, not {value!r}")
+
+
 class _Dropped(Exception):
     """Raised to close the connection without a response."""
 
@@ -125,9 +140,17 @@ class FalEmulator:
         faults: a :class:`Faults`, or keyword fields of one (``faults={"error_503": 0.2}``).
         hang: shortcut for ``Faults(hang=1.0)``: every job runs forever (until cancelled).
         ping_interval: seconds between ``: ping`` comments on an idle SSE status stream.
+        require_images: the endpoint wants at least one image (the live endpoint's rule is
+            undocumented): ``"images": []`` is a 422 (``loc ["body", "images"]``, type
+            ``too_short``, "at least 1 item"), on the queue at the result as fal does. False
+            answers text-only questions (the fake model says "0 images").
+        stream_endpoint: True serves ``POST {run_url}/{app}/stream``; False answers it 404
+            (an app without a token stream), or pass the status to answer (404 or 405).
 
-    ``key``, ``service_time``, ``concurrency`` and ``faults`` may be changed while it runs (they
-    apply to later requests/jobs). Records: ``requests``, ``submissions``, ``cancelled``, ``uploads``.
+    ``key``, ``service_time``, ``concurrency``, ``faults``, ``require_images`` and
+    ``stream_endpoint`` may be changed while it runs (they apply to later requests/jobs);
+    :meth:`reset` puts the last two back to their constructor values. Records: ``requests``,
+    ``submissions``, ``cancelled``, ``uploads``.
     """
 
     def __init__(
@@ -142,8 +165,15 @@ class FalEmulator:
         faults: Faults | dict | None = None,
         hang: bool = False,
         ping_interval: float = 10.0,
+        require_images: bool = True,
+        stream_endpoint: bool | int = True,
     ) -> None:
+        if not isinstance(require_images, bool):
+            raise TypeError(f"require_images must be True or False, not {require_images!r}")
+        _stream_status(stream_endpoint)  # checked now rather than at the first request
         self.port, self.key, self.forbidden_key = port, key, forbidden_key
+        self.require_images, self.stream_endpoint = require_images, stream_endpoint
+        self._switches = (require_images, stream_endpoint)
         self.ping_interval = ping_interval
         self.apps = None if apps is None else set(apps)
         self._lock = threading.RLock()
@@ -260,8 +290,10 @@ class FalEmulator:
             return job.status if job else None
 
     def reset(self) -> None:
-        """Forget recorded requests, submissions, cancellations, script and faults."""
+        """Forget recorded requests, submissions, cancellations, script and faults; put
+        ``require_images`` and ``stream_endpoint`` back to their constructor values."""
         with self._lock:
+            self.require_images, self.stream_endpoint = self._switches
             self._requests.clear()
             self._board.reset()
             self._faults.clear()
@@ -315,7 +347,9 @@ class FalEmulator:
     # -------------------------------------------------------------- HTTP
 
     def _validate(self, raw: bytes) -> tuple[Any, list[dict[str, Any]]]:
-        return validate(raw, lambda url: check_image(url, self.cdn_url, self._storage.data))
+        return validate(
+            raw, lambda url: check_image(url, self.cdn_url, self._storage.data), require_images=self.require_images
+        )
 
     def _track(self, conn: socket.socket, add: bool) -> None:
         with self._lock:
@@ -439,6 +473,10 @@ class FalEmulator:
             if kind == "drop_after_accept":
                 raise _Dropped
             return self._send(h, rec, 200, body, headers={"x-fal-request-id": job.id})
+        if route == "run_stream" and (missing := _stream_status(self.stream_endpoint)):
+            # as a FastAPI app answers a route it lacks (404), or one it serves for other methods (405)
+            detail, allow = ("Not Found", None) if missing == 404 else ("Method Not Allowed", {"Allow": "GET"})
+            return self._send(h, rec, missing, {"detail": detail}, headers=allow)
         if route in ("run", "run_stream"):
             return self._run(h, rec, app, raw, stream=route == "run_stream")
         with_logs = rec.query.get("logs", "").lower() in ("1", "true")
@@ -566,7 +604,9 @@ class FalEmulator:
             plain = not (stream and isinstance(job.outcome, str))  # plain run, or a failing job
             self._wait(job, done if plain else lambda: job.started is not None)
             code, body, headers = self._result(job) if plain else (200, {}, {})
-            words, started = str(job.outcome).split(), job.started or 0.0
+            text, started = str(job.outcome), job.started or 0.0
+            # where each word ends: partial outputs are prefixes of the final one, spacing kept
+            words = [m.end() for m in re.finditer(r"\S+", text)]
         if plain:
             return self._send(h, rec, code, body, headers=headers)
         self._start_sse(h, rec, job.id)
@@ -574,7 +614,7 @@ class FalEmulator:
         for k in range(1, steps):
             with self._lock:
                 self._wait(job, done, started + self.service_time * k / steps)
-            self._chunk(h, "data: " + json.dumps({"output": " ".join(words[: 3 * k]), "partial": True}) + "\n\n")
+            self._chunk(h, "data: " + json.dumps({"output": text[: words[3 * k - 1]], "partial": True}) + "\n\n")
             if rec.fault == "cut":
                 raise _Dropped
         with self._lock:
