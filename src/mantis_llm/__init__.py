@@ -21,8 +21,8 @@ from .types import (
 )
 
 
-def __getattr__(name: str):  # FalBackend / TransformersBackend load on first use
-    if name in ("FalBackend", "TransformersBackend"):
+def __getattr__(name: str):  # FalBackend / TransformersBackend / OpenAIBackend load on first use
+    if name in ("FalBackend", "TransformersBackend", "OpenAIBackend"):
         from . import backends
 
         return getattr(backends, name)
@@ -38,6 +38,7 @@ __all__ = [
     "DEFAULT_LOCAL_MODEL",
     "FalBackend",
     "TransformersBackend",
+    "OpenAIBackend",
     "Chunk",
     "Conversation",
     "GenerationParams",

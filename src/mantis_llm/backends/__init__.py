@@ -1,4 +1,5 @@
-"""Backends: ``fal`` (hosted, over httpx) and ``local`` (transformers, in-process).
+"""Backends: ``fal`` (hosted, over httpx), ``local`` (transformers, in-process) and ``openai``
+(any OpenAI-compatible server serving Mantis: vLLM, SGLang, ``transformers serve``).
 
 Importing this package imports neither httpx-heavy code paths nor torch; the concrete
 classes load on first use.
@@ -13,14 +14,19 @@ from .base import Backend, OnUpdate
 
 DEFAULT_FAL_ENDPOINT = "fal-ai/mantis-llava-7b-v11"
 DEFAULT_LOCAL_MODEL = "TIGER-Lab/Mantis-llava-7b"
-BACKEND_NAMES = ("fal", "local")
+DEFAULT_OPENAI_MODEL = ""  # "not given": the server's only served model, read from /v1/models
+BACKEND_NAMES = ("fal", "local", "openai")
 
 
 # name -> (module, class); the modules import nothing heavy (torch loads with the model)
-_CLASSES = {"fal": ("fal", "FalBackend"), "local": ("local", "TransformersBackend")}
+_CLASSES = {
+    "fal": ("fal", "FalBackend"),
+    "local": ("local", "TransformersBackend"),
+    "openai": ("openai", "OpenAIBackend"),
+}
 _ALIASES = {"transformers": "local"}
 # the adapters' own fields, which a backend takes only if its constructor names them
-_FIELD_OPTIONS = ("api_key", "timeout", "max_retries")
+_FIELD_OPTIONS = ("api_key", "timeout", "max_retries", "base_url")
 
 
 def backend_class(name: str) -> type[Backend]:
@@ -63,14 +69,16 @@ def resolve_backend(
     api_key: Any = None,
     timeout: float | None = None,
     max_retries: int | None = None,
+    base_url: str | None = None,
     **options: Any,
 ) -> Backend:
     """Return ``backend`` itself if it is a :class:`Backend`, else build the named one.
 
-    ``model`` is the fal endpoint id for ``"fal"`` and a hub id or path for ``"local"``
-    (the fal default id given with ``"local"`` means the local default). ``api_key``,
-    ``timeout`` and ``max_retries`` (the adapters' fields) go to the backends that take them,
-    and None means the backend's own default. ``options`` are passed on as given
+    ``model`` is the fal endpoint id for ``"fal"``, a hub id or path for ``"local"`` and the
+    served model name for ``"openai"`` (the fal default id given with ``"local"`` or
+    ``"openai"`` means "not given": the local default, the server's only model). ``api_key``,
+    ``timeout``, ``max_retries`` and ``base_url`` (the adapters' fields) go to the backends
+    that take them, and None means the backend's own default. ``options`` are passed on as given
     (``image_short_side=None`` disables downsizing); a name the backend does not take is a
     :class:`~mantis_llm.errors.ConfigurationError` listing the valid ones.
     """
@@ -78,7 +86,7 @@ def resolve_backend(
         return backend
     cls = backend_class(backend)
     check_options(backend, options, where="backend options")
-    fields = {"api_key": api_key, "timeout": timeout, "max_retries": max_retries}
+    fields = {"api_key": api_key, "timeout": timeout, "max_retries": max_retries, "base_url": base_url}
     valid = option_names(backend)
     given = {k: v for k, v in fields.items() if v is not None and k in valid}
     model_arg = "endpoint" if _ALIASES.get(backend, backend) == "fal" else "model"
@@ -91,6 +99,8 @@ def resolve_model(backend: str | Backend, model: str | None = None) -> str:
         return backend.model
     if backend in ("local", "transformers"):
         return DEFAULT_LOCAL_MODEL if model in (None, DEFAULT_FAL_ENDPOINT) else model
+    if backend == "openai":
+        return DEFAULT_OPENAI_MODEL if model in (None, DEFAULT_FAL_ENDPOINT) else model
     return model or DEFAULT_FAL_ENDPOINT
 
 
@@ -103,6 +113,10 @@ def __getattr__(name: str):  # lazy: `from mantis_llm.backends import FalBackend
         from .local import TransformersBackend
 
         return TransformersBackend
+    if name == "OpenAIBackend":
+        from .openai import OpenAIBackend
+
+        return OpenAIBackend
     raise AttributeError(name)
 
 
@@ -113,6 +127,8 @@ __all__ = [
     "resolve_model",
     "DEFAULT_FAL_ENDPOINT",
     "DEFAULT_LOCAL_MODEL",
+    "DEFAULT_OPENAI_MODEL",
     "FalBackend",
+    "OpenAIBackend",
     "TransformersBackend",
 ]
