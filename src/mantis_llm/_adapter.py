@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from .backends import BACKEND_NAMES, Backend, check_options, resolve_backend
+from .backends import BACKEND_NAMES, Backend, backend_class, check_options, resolve_backend, resolve_model
 from .errors import ConfigurationError, InvalidRequestError, from_validation_error
+from .tokens import TokenCounter
 from .types import GenerationParams
 
 
@@ -22,18 +24,19 @@ def require_extra(module: str, package: str, extra: str, needed_by: str) -> None
 
 
 # Settings the adapters' own fields make; backend_options may not set them a second time.
-BUILT_BY_FIELDS = ("api_key", "timeout", "max_retries", "model", "endpoint")
+BUILT_BY_FIELDS = ("api_key", "timeout", "max_retries", "base_url", "model", "endpoint")
 
 
 class BackendSlot:
     """Holds the backend an adapter builds on first use. Copies and pickles start empty (a
     backend holds connection pools or model weights), so a copied adapter builds its own."""
 
-    __slots__ = ("backend", "lock")
+    __slots__ = ("backend", "lock", "_counter")
 
     def __init__(self) -> None:
         self.backend: Backend | None = None
         self.lock = threading.Lock()
+        self._counter: tuple[Any, TokenCounter] | None = None
 
     def get(self, build: Callable[[], Backend]) -> Backend:
         if self.backend is None:
@@ -41,6 +44,26 @@ class BackendSlot:
                 if self.backend is None:
                     self.backend = build()
         return self.backend
+
+    def token_counter(self, backend: str | Backend, model: str | None, backend_options: dict[str, Any]) -> TokenCounter:
+        """How the adapter counts tokens (cached until the backend is built, loaded or closed):
+        the backend's own tokenizer once there is one, else the model directory's tokenizer
+        files, else the documented estimate. Never loads a model, never downloads."""
+        target = backend if isinstance(backend, Backend) else self.backend
+        key = (id(target), getattr(target, "loaded", None), backend, model)
+        cached = self._counter
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if target is not None:
+            counter = TokenCounter.from_backend(target)
+        else:
+            name = resolve_model(backend, model)
+            counter = TokenCounter(model=name)
+            if backend == "local":  # a model directory (or a cached snapshot) has the real tokenizer
+                with contextlib.suppress(ConfigurationError):
+                    counter = TokenCounter.from_pretrained(name, context_length=backend_options.get("max_context"))
+        self._counter = (key, counter)
+        return counter
 
     def take(self) -> Backend | None:
         """Empty the slot; the backend it held (if any) is the caller's to close."""
@@ -61,10 +84,13 @@ def build_backend(
     api_key: Any,
     timeout: float | None,
     max_retries: int | None,
+    base_url: str | None = None,
     backend_options: dict[str, Any],
 ) -> Backend:
     """The backend an adapter's fields describe (``api_key=None``: the backend reads the environment)."""
-    return resolve_backend(backend, model, api_key=api_key, timeout=timeout, max_retries=max_retries, **backend_options)
+    return resolve_backend(
+        backend, model, api_key=api_key, timeout=timeout, max_retries=max_retries, base_url=base_url, **backend_options
+    )
 
 
 def check_fields(
@@ -98,6 +124,22 @@ def typed_errors(cls: type, data: Any, handler: Any) -> Any:
         raise from_validation_error(exc, cls.__name__) from None
 
 
+def provider(backend: str | Backend) -> str:
+    """The LangSmith provider name ("fal", "transformers", "openai"), found without building it."""
+    if isinstance(backend, Backend):
+        return backend.provider
+    return backend_class(backend).provider
+
+
+def key_for(backend: str | Backend, api_key: Any, explicitly_given: bool) -> Any:
+    """The key an adapter passes on. Its ``api_key`` defaults to ``FAL_KEY``, which must never
+    reach an OpenAI-compatible server: there only a key given explicitly is passed (else the
+    backend reads ``OPENAI_API_KEY``)."""
+    if backend == "openai" and not explicitly_given:
+        return None
+    return api_key
+
+
 def backend_label(backend: str | Backend) -> str:
     """The name a serialized adapter stores for its backend (``"local"`` for transformers)."""
     if isinstance(backend, Backend):
@@ -112,7 +154,8 @@ def check_backend(value: Any) -> Any:
         return value
     from pydantic_core import PydanticCustomError
 
-    names = " or ".join(repr(n) for n in BACKEND_NAMES)
+    *first, last = (repr(n) for n in BACKEND_NAMES)
+    names = f"{', '.join(first)} or {last}"
     raise PydanticCustomError(
         "backend",
         "Input should be {names}, or a Backend instance, not {value}",

@@ -22,16 +22,15 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
 from .. import tools as mantis_tools
-from .._adapter import BackendSlot, build_backend, check_backend, check_fields, typed_errors
+from .._adapter import BackendSlot, build_backend, check_backend, check_fields, key_for, provider, typed_errors
 from ..backends import DEFAULT_FAL_ENDPOINT, Backend, resolve_model
 from ..errors import InvalidRequestError
+from ..tokens import TokenCounter
 from ..types import GenerationParams, Request, Response, Update
 from ._callbacks import aupdate_sender, update_sender
 from ._messages import to_conversation
 from ._tools import invalid_tool_calls, response_format, tool_call_chunks, tool_calls, tool_spec
 
-MAX_INPUT_TOKENS = 4096  # Mantis-llava-7b context (576 tokens per image)
-_PROVIDERS = {"fal": "fal", "local": "transformers"}
 _CALL_PARAMS = ("max_tokens", "temperature", "top_p", "seed")
 
 
@@ -63,8 +62,10 @@ class ChatMantis(BaseChatModel):
             Nucleus sampling, stop sequences (cut by us on every backend), sampling seed.
 
     Key init args — client params:
-        backend: "fal" | "local" | Backend
-            Where the model runs; a :class:`~mantis_llm.backends.Backend` instance is shared.
+        backend: "fal" | "local" | "openai" | Backend
+            Where the model runs: fal, this process, or your own vLLM / SGLang /
+            ``transformers serve`` (``base_url``); a :class:`~mantis_llm.backends.Backend`
+            instance is shared.
         api_key: SecretStr | None
             The fal key (alias ``fal_key``); default ``FAL_KEY``.
         timeout, max_retries:
@@ -190,15 +191,21 @@ class ChatMantis(BaseChatModel):
     model: str = Field(default=DEFAULT_FAL_ENDPOINT, validation_alias=AliasChoices("model", "model_name"))
     """The fal endpoint id, or with ``backend="local"`` a Hub id or local path (default
     ``TIGER-Lab/Mantis-llava-7b``). Also accepted as ``model_name``."""
-    backend: Literal["fal", "local"] | Backend = "fal"
-    """Where the model runs: ``"fal"``, ``"local"`` (transformers, in-process) or a
+    backend: Literal["fal", "local", "openai"] | Backend = "fal"
+    """Where the model runs: ``"fal"``, ``"local"`` (transformers, in-process), ``"openai"`` (an
+    OpenAI-compatible server serving Mantis: vLLM, SGLang, ``transformers serve``) or a
     :class:`~mantis_llm.backends.Backend` instance (shared, and closed by its owner)."""
+    base_url: str | None = None
+    """With ``backend="openai"``: the server (``http://host:8000``, ``/v1`` optional); default
+    ``MANTIS_BASE_URL``."""
     api_key: SecretStr | None = Field(
         default_factory=secret_from_env("FAL_KEY", default=None),
         validation_alias=AliasChoices("api_key", "fal_key"),
     )
     """The fal key (alias ``fal_key``); default ``FAL_KEY``, else ``FAL_KEY_ID:FAL_KEY_SECRET``.
-    Kept as a ``SecretStr``: never in a repr, log, error or dump."""
+    With ``backend="openai"``, the server's key, if it needs one (given here, else
+    ``OPENAI_API_KEY``; ``FAL_KEY`` is never sent there). Kept as a ``SecretStr``: never in a
+    repr, log, error or dump, and sent only to its own host."""
     max_tokens: int | None = Field(default=None, ge=1)
     """Most tokens to generate (default: the backend's)."""
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -246,10 +253,8 @@ class ChatMantis(BaseChatModel):
 
     @property
     def provider(self) -> str:
-        """The LangSmith provider name, ``"fal"`` or ``"transformers"`` (no backend built)."""
-        if isinstance(self.backend, Backend):
-            return self.backend.provider
-        return _PROVIDERS[self.backend]
+        """The LangSmith provider name, ``"fal"``, ``"transformers"`` or ``"openai"`` (no backend built)."""
+        return provider(self.backend)
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
@@ -273,7 +278,7 @@ class ChatMantis(BaseChatModel):
 
     def _resolve_model_profile(self) -> ModelProfile | None:
         return ModelProfile(
-            max_input_tokens=MAX_INPUT_TOKENS,
+            max_input_tokens=self._token_counter().context_length,
             text_inputs=True,
             image_inputs=True,
             image_url_inputs=True,
@@ -314,9 +319,10 @@ class ChatMantis(BaseChatModel):
                 self.model,
                 # LangChain's convention: an empty key is no key (secret_from_env gives "" for an
                 # empty FAL_KEY), so FAL_KEY_ID + FAL_KEY_SECRET still apply. LlamaIndex refuses it.
-                api_key=self.api_key or None,
+                api_key=key_for(self.backend, self.api_key or None, "api_key" in self.model_fields_set),
                 timeout=self.timeout,
                 max_retries=self.max_retries,
+                base_url=self.base_url,
                 backend_options=self.backend_options,
             )
         )
@@ -332,6 +338,31 @@ class ChatMantis(BaseChatModel):
         backend = self._slot.take()
         if backend is not None:
             await backend.aclose()
+
+    # -- token counting -----------------------------------------------------------------
+
+    def _token_counter(self) -> TokenCounter:
+        return self._slot.token_counter(self.backend, self.model, self.backend_options)
+
+    def get_num_tokens(self, text: str) -> int:
+        """Mantis tokens in ``text``: exact with the model's tokenizer (a loaded local backend,
+        a model directory), else a documented estimate. Offline, never GPT-2 from the Hub."""
+        if self.custom_get_token_ids is not None:
+            return super().get_num_tokens(text)
+        return self._token_counter().count_text(text)
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """The model's token ids for ``text``; a ConfigurationError where only an estimate exists."""
+        if self.custom_get_token_ids is not None:
+            return self.custom_get_token_ids(text)
+        return self._token_counter().token_ids(text)
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
+        """The prompt tokens of ``messages`` the way Mantis sees them: the template, the text,
+        576 tokens per image (the model's own figure once loaded), and the tool instruction
+        when ``tools`` are given. What ``trim_messages(token_counter=model)`` calls."""
+        spec = tool_spec([convert_to_openai_tool(t) for t in tools], None, None) if tools else None
+        return self._token_counter().count_request(Request(to_conversation(messages), tools=spec))
 
     # -- requests and responses ---------------------------------------------------------
 

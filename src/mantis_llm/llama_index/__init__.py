@@ -12,12 +12,14 @@ from ._messages import (  # noqa: E402
     to_conversation,
     to_image_block,
 )
+from ._prompt_helper import MantisChatPromptHelper  # noqa: E402
 from .base import Mantis, MantisMultiModal, MantisUpdateEvent  # noqa: E402
 
 __all__ = [
     "Mantis",
     "MantisMultiModal",
     "MantisUpdateEvent",
+    "MantisChatPromptHelper",
     "to_conversation",
     "image_block",
     "image_block_to_image",

@@ -44,13 +44,14 @@ from llama_index.core.tools import BaseTool, ToolSelection
 from .. import tools as mantis_tools
 from .._adapter import BackendSlot, backend_label, build_backend, check_backend, check_fields, typed_errors
 from ..backends import DEFAULT_FAL_ENDPOINT, Backend, resolve_model
+from ..tokens import TokenCounter
 from ..types import GenerationParams, Request, Response, ToolSpec, Update
 from ._messages import ImageInput, prompt_messages, to_conversation
+from ._prompt_helper import MantisChatPromptHelper
 
 logger = logging.getLogger("mantis_llm.llama_index")
 dispatcher = get_dispatcher("mantis_llm.llama_index")
 
-IMAGE_TOKENS = 576  # CLIP ViT-L/14-336 patches per image in Mantis-llava
 _PARAMS = ("max_tokens", "temperature", "top_p", "stop", "seed")
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -130,14 +131,21 @@ class _MantisBase(BaseModel):
         default=DEFAULT_FAL_ENDPOINT,
         description="fal endpoint id (backend='fal') or a Hugging Face id / local path (backend='local').",
     )
-    backend: Literal["fal", "local"] | Backend = Field(
-        default="fal", description="'fal', 'local', or a mantis_llm Backend instance."
+    backend: Literal["fal", "local", "openai"] | Backend = Field(
+        default="fal", description="'fal', 'local', 'openai' (an OpenAI-compatible server), or a Backend instance."
+    )
+    base_url: str | None = Field(
+        default=None,
+        description="With backend='openai': the server (http://host:8000, /v1 optional); default MANTIS_BASE_URL.",
     )
     api_key: SecretStr | None = Field(
         default=None,
         exclude=True,
         repr=False,
-        description="fal key; defaults to the FAL_KEY (or FAL_KEY_ID + FAL_KEY_SECRET) environment variables.",
+        description=(
+            "fal key; defaults to the FAL_KEY (or FAL_KEY_ID + FAL_KEY_SECRET) environment variables. "
+            "With backend='openai': the server's key, else OPENAI_API_KEY."
+        ),
     )
     max_tokens: int | None = Field(default=None, ge=1, description="Maximum number of tokens to generate.")
     temperature: float | None = Field(default=None, ge=0, le=2, description="Sampling temperature (None: greedy).")
@@ -149,12 +157,13 @@ class _MantisBase(BaseModel):
     backend_options: dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword arguments for the backend constructor."
     )
-    context_window: int = Field(
-        default=4096,
+    context_window: int | None = Field(
+        default=None,
         ge=1,
         description=(
-            "Context window reported to LlamaIndex. Mantis uses 576 tokens per image, but LlamaIndex "
-            "budgets about 2125 per image, so raise this to pack several images into one call."
+            "Context window reported to LlamaIndex; None: the model's (4,096 for Mantis-llava-7b, the "
+            "loaded local model's own). To pack several images into one call, set "
+            "Settings.chat_prompt_helper = llm.chat_prompt_helper() (LlamaIndex prices an image at 2,125)."
         ),
     )
     on_update: Callable[[Update], None] | None = Field(
@@ -197,6 +206,7 @@ class _MantisBase(BaseModel):
                 api_key=self.api_key,
                 timeout=self.timeout,
                 max_retries=self.max_retries,
+                base_url=self.base_url,
                 backend_options=self.backend_options,
             )
         )
@@ -252,6 +262,21 @@ class _MantisBase(BaseModel):
     @property
     def _num_output(self) -> int:
         return self.max_tokens or DEFAULT_NUM_OUTPUTS
+
+    def _token_counter(self) -> TokenCounter:
+        return self._slot.token_counter(self.backend, self.model, self.backend_options)
+
+    @property
+    def _context_window(self) -> int:
+        return self.context_window or self._token_counter().context_length
+
+    def chat_prompt_helper(self) -> MantisChatPromptHelper:
+        """A ``ChatPromptHelper`` that counts as Mantis does (576 tokens per image, not
+        LlamaIndex's 2,125): ``Settings.chat_prompt_helper = llm.chat_prompt_helper()`` lets a
+        multimodal query engine send several images in one call."""
+        return MantisChatPromptHelper(
+            self._token_counter(), num_output=self._num_output, context_window=self._context_window
+        )
 
     @property
     def _model_name(self) -> str:
@@ -393,7 +418,7 @@ class Mantis(_MantisBase, FunctionCallingLLM):
     @property
     def metadata(self) -> LLMMetadata:
         return LLMMetadata(
-            context_window=self.context_window,
+            context_window=self._context_window,
             num_output=self._num_output,
             is_chat_model=True,
             # tools in the prompt, calls parsed from the answer (a grammar on the local
@@ -477,9 +502,9 @@ class MantisMultiModal(_MantisBase, MultiModalLLM):
     @property
     def metadata(self) -> MultiModalLLMMetadata:
         return MultiModalLLMMetadata(
-            context_window=self.context_window,
+            context_window=self._context_window,
             num_output=self._num_output,
-            num_input_files=max(1, (self.context_window - self._num_output) // IMAGE_TOKENS),
+            num_input_files=max(1, (self._context_window - self._num_output) // self._token_counter().tokens_per_image),
             is_chat_model=True,
             is_function_calling_model=False,
             model_name=self._model_name,
