@@ -12,7 +12,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 
 import jsonschema
@@ -386,14 +385,10 @@ def test_compile_is_cached(tiny):
     lltok = compiler.lltokenizer
     assert compiler.lltokenizer is lltok and compiler.tokenizer_seconds is not None
     text = lark_grammar(CALLS, allow_text=True)
-    started = time.perf_counter()
     first = compiler.compile(text)
-    cold = time.perf_counter() - started
-    started = time.perf_counter()
     again = compiler.compile(lark_grammar(CALLS, allow_text=True))  # equal text, new string
-    warm = time.perf_counter() - started
+    # one compile, then a cache hit (how much faster that is: benchmarks/bench_grammar.py)
     assert again is first and (compiler.hits, compiler.misses) == (1, 1)
-    assert warm < cold / 10, (warm, cold)
     assert first.matcher() is not first.matcher()  # fresh matchers, one compile
     # least recently used grammars leave a full cache
     compiler.compile_schema(ANSWER)
