@@ -81,3 +81,48 @@ def test_enforces_format_only_when_constrained(tools_backend):
     assert not tools_backend.enforces_format(Request(conv))
     assert tools_backend.enforces_format(Request(conv, tools=ToolSpec((WEATHER,))))
     assert not tools_backend.enforces_format(Request(conv, tools=ToolSpec((WEATHER,), "none")))
+
+
+# Through the adapters, as users call them: the same guarantee at temperature 1 over 20 seeds.
+
+
+@pytest.mark.slow  # 20 generations
+def test_chat_mantis_structured_output_is_valid_for_every_seed(tools_backend):
+    from mantis_llm.langchain import ChatMantis
+
+    for seed in SEEDS:
+        chat = ChatMantis(backend=tools_backend, temperature=1.0, seed=seed, max_tokens=300)
+        verdict = chat.with_structured_output(Verdict).invoke("What is in the picture?")
+        assert isinstance(verdict, Verdict), (seed, verdict)
+
+
+@pytest.mark.slow  # 20 generations
+def test_chat_mantis_forced_tool_call_is_valid_for_every_seed(tools_backend):
+    from langchain_core.tools import tool
+
+    from mantis_llm.langchain import ChatMantis
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        return f"sunny in {city}"
+
+    for seed in SEEDS:
+        chat = ChatMantis(backend=tools_backend, temperature=1.0, seed=seed, max_tokens=300)
+        message = chat.bind_tools([get_weather], tool_choice="any").invoke("Weather in Paris?")
+        assert not message.invalid_tool_calls and len(message.tool_calls) == 1, (seed, message)
+        call = message.tool_calls[0]
+        assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str), (seed, call)
+        assert get_weather.invoke(call["args"])  # the arguments validate against the tool's own schema
+
+
+@pytest.mark.slow  # 20 generations
+def test_llama_index_structured_predict_is_valid_for_every_seed(tools_backend):
+    from llama_index.core.prompts import PromptTemplate
+
+    from mantis_llm.llama_index import Mantis
+
+    for seed in SEEDS:
+        llm = Mantis(backend=tools_backend, temperature=1.0, seed=seed, max_tokens=300)
+        verdict = llm.structured_predict(Verdict, PromptTemplate("What is in the picture?"))
+        assert isinstance(verdict, Verdict), (seed, verdict)
