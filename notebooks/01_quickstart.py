@@ -143,13 +143,13 @@ print(answer.content)
 # %% [markdown]
 # ### Streaming
 #
-# fal's queue (the default mode) has no token stream: `stream()` then yields the whole answer as
-# one chunk when the job ends. `backend_options={"mode": "stream"}` uses fal's streaming endpoint
-# instead, and text arrives as it is generated (here one chunk per line):
+# `stream()` streams tokens by default: in the default mode `"auto"`, a streaming call goes to
+# fal's streaming endpoint and text arrives as it is generated (here one chunk per line), while
+# `invoke()` goes through the queue, with its progress reports, retries and cancellation. (An
+# endpoint without a token stream falls back to the queue, and the answer comes as one chunk.)
 
 # %%
-streaming_chat = ChatMantis(backend_options={"mode": "stream"})
-for chunk in streaming_chat.stream([message]):
+for chunk in chat.stream([message]):
     print(repr(chunk.content))
 
 # %% [markdown]
@@ -225,8 +225,8 @@ print(llm.complete(QUESTION, image_documents=[ImageBlock(url=urls[0]), image_blo
 # %% [markdown]
 # Streaming and queue reports: `stream_chat` yields deltas; progress reports are LlamaIndex
 # instrumentation events (`MantisUpdateEvent`) that any event handler can pick up (`on_update=`
-# works here too). fal's streaming endpoint runs outside the queue, so only the queue-mode call
-# reports progress.
+# works here too). fal's streaming endpoint runs outside the queue, so only the non-streaming
+# call reports queue progress.
 
 # %%
 from llama_index.core.instrumentation import get_dispatcher
@@ -244,11 +244,10 @@ class QueuePrinter(BaseEventHandler):
 printer = QueuePrinter()
 get_dispatcher().add_event_handler(printer)
 
-streaming_llm = Mantis(backend_options={"mode": "stream"})
-for part in streaming_llm.stream_chat([msg]):
+for part in llm.stream_chat([msg]):
     print(repr(part.delta))
 
-print("queue mode:")
+print("not streaming, through the queue:")
 print(llm.chat([msg]).message.content)
 get_dispatcher().event_handlers.remove(printer)
 
@@ -259,7 +258,7 @@ get_dispatcher().event_handlers.remove(printer)
 # the notebook.
 
 # %%
-for model in (chat, streaming_chat, watched, llm, streaming_llm):
+for model in (chat, watched, llm):
     model.close()
 if not USE_REAL_FAL:
     image_server.shutdown()
