@@ -33,7 +33,7 @@ from .types import Conversation, GenerationParams, Image, Request, Response, Upd
 USER_ERRORS = (ConfigurationError, InvalidRequestError, AuthenticationError)
 NO_KEY = (
     "error: FAL_KEY is not set; get a key at https://fal.ai/dashboard/keys and run "
-    "`export FAL_KEY=...` (or use --backend local)"
+    "`export FAL_KEY=...` (or use --backend local or --backend openai)"
 )
 
 
@@ -59,11 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="the question (images come first, as image 1, 2, ...), or - (read from stdin)",
     )
-    ask.add_argument("--backend", choices=BACKEND_NAMES, default="fal", help="fal (hosted, needs FAL_KEY) or local")
+    ask.add_argument(
+        "--backend",
+        choices=BACKEND_NAMES,
+        default="fal",
+        help="fal (hosted, needs FAL_KEY), local (in-process, needs the local extra) or openai "
+        "(an OpenAI-compatible server such as vLLM, at --base-url)",
+    )
     ask.add_argument(
         "--model",
         metavar="ID_OR_PATH",
-        help=f"fal endpoint id (default {DEFAULT_FAL_ENDPOINT}) or local model id/path (default {DEFAULT_LOCAL_MODEL})",
+        help=f"fal endpoint id (default {DEFAULT_FAL_ENDPOINT}), local model id/path (default "
+        f"{DEFAULT_LOCAL_MODEL}) or the openai server's model name (default: its only model)",
+    )
+    ask.add_argument(
+        "--base-url",
+        metavar="URL",
+        help="the openai backend's server, e.g. http://127.0.0.1:8000 (default: $MANTIS_BASE_URL)",
     )
     ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     ask.add_argument(
@@ -179,6 +191,9 @@ def _as_json(response: Response) -> str:
 
 
 def _ask(args: argparse.Namespace) -> int:
+    if args.base_url is not None and args.backend != "openai":
+        print("error: --base-url is for --backend openai", file=sys.stderr)
+        return 2
     if args.backend == "fal" and not _has_fal_key():
         print(NO_KEY, file=sys.stderr)
         return 2
@@ -189,7 +204,7 @@ def _ask(args: argparse.Namespace) -> int:
     on_update = _Progress(sys.stderr) if chatty else None
     if not chatty:  # keep piped stderr clean: no model-loading progress bars from the local backend
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    with resolve_backend(args.backend, args.model) as backend:
+    with resolve_backend(args.backend, args.model, base_url=args.base_url) as backend:
         if args.stream:
             response = None
             for chunk in backend.stream(request, on_update=on_update):

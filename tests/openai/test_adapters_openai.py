@@ -7,6 +7,7 @@ test_openai_backend.py."""
 from __future__ import annotations
 
 import base64
+import json
 import socket
 
 import pytest
@@ -150,3 +151,22 @@ def test_a_stopped_server_is_a_typed_error(transformers_serve):
     with pytest.raises(errors.BackendError):
         gone.invoke([HumanMessage(content=[lc_image("red"), "hi"])])
     gone.close()
+
+
+def test_the_cli_asks_the_server(transformers_serve, source_backend, image_files, monkeypatch, capsys):
+    # `mantis-llm ask --backend openai --base-url URL`: the same answer as the local backend
+    from mantis_llm.cli import main
+
+    images = [Image(str(p)) for p in image_files[:2]]
+    params = GenerationParams(max_tokens=TOKENS)
+    local = source_backend.generate(Request(Conversation.from_prompt("Compare.", images), params)).text
+    monkeypatch.delenv("MANTIS_BASE_URL", raising=False)
+    argv = ["ask", *map(str, image_files[:2]), "-p", "Compare.", "--max-tokens", str(TOKENS), "--backend", "openai"]
+    assert main([*argv, "--base-url", transformers_serve.base_url, "--json"]) == 0
+    out, _ = capsys.readouterr()
+    reply = json.loads(out)
+    assert reply["text"] == local and reply["usage"]["output_tokens"] >= 1
+    monkeypatch.setenv("MANTIS_BASE_URL", transformers_serve.base_url + "/v1")  # the env var, with /v1
+    assert main(argv) == 0 and capsys.readouterr().out == local + "\n"
+    assert main([*argv[:-2], "--base-url", transformers_serve.base_url]) == 2  # fal with --base-url
+    assert "--base-url is for --backend openai" in capsys.readouterr().err
