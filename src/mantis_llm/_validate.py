@@ -38,3 +38,8 @@ def is_non_negative_int(value: Any) -> bool:
 def is_number(value: Any) -> bool:
     """An int or float, not a bool (True is an int to Python, never a timeout to a user)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_str_dict(value: Any) -> bool:
+    """A dict whose keys are all str (JSON object fields such as ``extra_body``)."""
+    return isinstance(value, dict) and all(isinstance(k, str) for k in value)

@@ -27,13 +27,13 @@ import struct
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from ._mime import SUPPORTED_MIME, describe, sniff_mime
-from ._validate import check_option, is_positive_int
+from ._validate import UNSET, check_option, is_positive_int
 from ._version import USER_AGENT
 from .errors import ImageError
 from .types import Image
@@ -84,6 +84,22 @@ class ImageOptions:
 
 
 DEFAULT_OPTIONS = ImageOptions()
+
+
+def image_options_arg(image_options: ImageOptions | None, image_short_side: Any = UNSET) -> ImageOptions:
+    """The ``image_options`` / ``image_short_side`` pair every backend's constructor takes,
+    checked and merged: ``image_short_side`` (``None`` disables downsizing) overrides the
+    options' ``short_side`` when given."""
+    check_option(
+        image_options is None or isinstance(image_options, ImageOptions),
+        "image_options",
+        "a mantis_llm.images.ImageOptions or None",
+        image_options,
+    )
+    options = image_options or ImageOptions()
+    if image_short_side is not UNSET:
+        options = replace(options, short_side=image_short_side)  # ImageOptions checks it
+    return options
 
 
 @dataclass(frozen=True)

@@ -6,3 +6,23 @@ with an :class:`httpx.AsyncClient`, so sync and async cannot drift apart; :mod:`
 holds the one retry loop (backoff, ``Retry-After``, the whole-call deadline) and :mod:`.sse`
 the server-sent-events decoder.
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from ..._validate import check_option
+
+
+def check_clients(client: Any, async_client: Any) -> None:
+    """The ``client`` / ``async_client`` constructor arguments of an HTTP backend: your own
+    httpx clients or None."""
+    check_option(client is None or isinstance(client, httpx.Client), "client", "an httpx.Client or None", client)
+    check_option(
+        async_client is None or isinstance(async_client, httpx.AsyncClient),
+        "async_client",
+        "an httpx.AsyncClient or None",
+        async_client,
+    )

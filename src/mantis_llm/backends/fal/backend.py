@@ -21,17 +21,17 @@ import threading
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from typing import Any, ClassVar
 
 import httpx
 from pydantic import SecretStr
 
-from ..._validate import UNSET, check_option, is_non_negative_int, is_number, is_positive_int
+from ..._validate import UNSET, check_option, is_non_negative_int, is_number, is_positive_int, is_str_dict
 from ...errors import ConfigurationError
-from ...images import ImageOptions
+from ...images import ImageOptions, image_options_arg
 from ...types import Chunk, Request, Response
 from .. import DEFAULT_FAL_ENDPOINT
+from .._http import check_clients
 from .._http.actions import Flow
 from .._http.drivers import adrive, drive
 from ..base import Backend, OnUpdate, require_request
@@ -320,28 +320,10 @@ class FalBackend(Backend):
         )
         check_option(is_positive_int(max_concurrency), "max_concurrency", "a positive integer", max_concurrency)
         check_option(isinstance(with_logs, bool), "with_logs", "True or False", with_logs)
-        check_option(
-            extra_input is None or (isinstance(extra_input, dict) and all(isinstance(k, str) for k in extra_input)),
-            "extra_input",
-            "a dict with str keys",
-            extra_input,
-        )
-        check_option(
-            image_options is None or isinstance(image_options, ImageOptions),
-            "image_options",
-            "a mantis_llm.images.ImageOptions or None",
-            image_options,
-        )
-        check_option(client is None or isinstance(client, httpx.Client), "client", "an httpx.Client or None", client)
-        check_option(
-            async_client is None or isinstance(async_client, httpx.AsyncClient),
-            "async_client",
-            "an httpx.AsyncClient or None",
-            async_client,
-        )
-        options = image_options or ImageOptions()
-        if image_short_side is not UNSET:  # None disables downsizing
-            options = replace(options, short_side=image_short_side)
+        extra_ok = extra_input is None or is_str_dict(extra_input)
+        check_option(extra_ok, "extra_input", "a dict with str keys", extra_input)
+        check_clients(client, async_client)
+        options = image_options_arg(image_options, image_short_side)
         self.model = endpoint.strip("/")
         self.mode: Mode = mode
         self.image_options = options

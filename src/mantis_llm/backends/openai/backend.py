@@ -15,15 +15,16 @@ import ssl
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import httpx
 from pydantic import SecretStr
 
-from ..._validate import UNSET, check_option, is_non_negative_int, is_number, is_positive_int
-from ...images import ImageOptions
+from ..._validate import UNSET, check_option, is_non_negative_int, is_number, is_positive_int, is_str_dict
+from ...images import ImageOptions, image_options_arg
 from ...types import Chunk, Request, Response
+from .._http import check_clients
 from .._http.drivers import adrive, drive
 from ..base import Backend, OnUpdate, require_request
 from ._config import (
@@ -167,28 +168,9 @@ class OpenAIBackend(Backend):
         )
         check_option(is_non_negative_int(max_retries), "max_retries", "a non-negative integer", max_retries)
         check_option(is_positive_int(max_concurrency), "max_concurrency", "a positive integer", max_concurrency)
-        check_option(
-            extra_body is None or (isinstance(extra_body, dict) and all(isinstance(k, str) for k in extra_body)),
-            "extra_body",
-            "a dict with str keys",
-            extra_body,
-        )
-        check_option(
-            image_options is None or isinstance(image_options, ImageOptions),
-            "image_options",
-            "a mantis_llm.images.ImageOptions or None",
-            image_options,
-        )
-        check_option(client is None or isinstance(client, httpx.Client), "client", "an httpx.Client or None", client)
-        check_option(
-            async_client is None or isinstance(async_client, httpx.AsyncClient),
-            "async_client",
-            "an httpx.AsyncClient or None",
-            async_client,
-        )
-        options = image_options or ImageOptions()
-        if image_short_side is not UNSET:  # None disables downsizing
-            options = replace(options, short_side=image_short_side)
+        check_option(extra_body is None or is_str_dict(extra_body), "extra_body", "a dict with str keys", extra_body)
+        check_clients(client, async_client)
+        options = image_options_arg(image_options, image_short_side)
         name = model.strip() if isinstance(model, str) else None
         self._config = OpenAIConfig(
             base_url=resolve_base_url(base_url),
