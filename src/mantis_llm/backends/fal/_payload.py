@@ -13,10 +13,11 @@ import httpx
 from pydantic import SecretStr
 
 from ...errors import AuthenticationError, BackendError
-from ...images import Download, EncodedImage, ImageOptions, _labeled, encode_bytes, encode_for_fal
+from ...images import EncodedImage, ImageOptions, encode_bytes, encode_for_fal
 from ...prompt import IMAGE_TOKEN, render
 from ...types import Image
-from .._http.actions import Flow, close, offload, read, send
+from .._http.actions import Flow, offload
+from .._http.download import download
 from .._http.responses import json_body
 from ._call import Call
 from ._config import CdnToken
@@ -51,32 +52,6 @@ def token_from_response(data: Any, now: float) -> CdnToken:
             pass
     header = f"{data.get('token_type') or 'Bearer'} {data['token']}"
     return CdnToken(SecretStr(header), now + max(0.0, ttl - 60.0))
-
-
-def download(url: str, options: ImageOptions, label: str) -> Flow[bytes]:
-    """Fetch an http(s) image with :class:`~mantis_llm.images.Download`'s limits, through the
-    driver's client (so the download is sync or async with the call, and never carries our key).
-
-    A failure raises an :class:`~mantis_llm.errors.ImageError`; the driver closes the open
-    response when the flow ends.
-    """
-    with _labeled(label):
-        dl = Download(url, options)
-        while True:
-            resp = yield from send(dl.request(), stream=True)
-            if isinstance(resp, httpx.HTTPError):
-                with dl.translate():
-                    raise resp
-            if dl.on_head(resp):
-                yield from close(resp)
-                continue
-            while chunk := (yield from read(resp, max(dl.deadline - time.monotonic(), 0.001))):
-                if isinstance(chunk, httpx.HTTPError):
-                    with dl.translate():
-                        raise chunk
-                dl.on_chunk(chunk)
-            yield from close(resp)
-            return dl.finish()
 
 
 def encode_image(image: Image, label: str, call: Call, options: ImageOptions) -> Flow[str | EncodedImage]:

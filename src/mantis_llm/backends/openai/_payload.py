@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any
 
-import httpx
-
-from ...images import Download, ImageOptions, _labeled, encode_bytes, encode_for_fal
+from ...images import ImageOptions, encode_bytes, encode_for_fal
 from ...prompt import render
 from ...tools import OutputConstraint, output_constraint
 from ...types import Conversation, Image, Request
-from .._http.actions import Flow, close, offload, read, send
+from .._http.actions import Flow, offload
+from .._http.download import download
 from ._servers import Server
 
 # transformers serve raises max_new_tokens to at least this when the model's config says
@@ -144,28 +142,6 @@ def check_conversation(conversation: Conversation) -> None:
 
 
 # ------------------------------------------------------------------------------ images
-
-
-def download(url: str, options: ImageOptions, label: str) -> Flow[bytes]:
-    """Fetch an http(s) image (``fetch_remote``) with :class:`~mantis_llm.images.Download`'s
-    limits, through the driver's client; the request carries no key (another origin)."""
-    with _labeled(label):
-        dl = Download(url, options)
-        while True:
-            resp = yield from send(dl.request(), stream=True)
-            if isinstance(resp, httpx.HTTPError):
-                with dl.translate():
-                    raise resp
-            if dl.on_head(resp):
-                yield from close(resp)
-                continue
-            while chunk := (yield from read(resp, max(dl.deadline - time.monotonic(), 0.001))):
-                if isinstance(chunk, httpx.HTTPError):
-                    with dl.translate():
-                        raise chunk
-                dl.on_chunk(chunk)
-            yield from close(resp)
-            return dl.finish()
 
 
 def encode_images(conversation: Conversation, options: ImageOptions) -> Flow[list[str]]:
