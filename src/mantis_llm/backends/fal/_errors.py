@@ -16,25 +16,8 @@ from ...errors import (
     RateLimitError,
     RequestTimeoutError,
 )
-from .._http.responses import json_body
+from .._http.responses import format_detail, json_body
 from ._policy import StepKind, should_retry_exception
-
-
-def format_detail(detail: Any) -> str:
-    """fal's ``detail``: a string, or pydantic-style ``[{loc, msg, type}]`` -> "loc: msg; ..."."""
-    if isinstance(detail, list):
-        lines = []
-        for item in detail:
-            if isinstance(item, dict):
-                loc = [str(p) for p in item.get("loc", []) if p != "body"]
-                msg = str(item.get("msg", item))
-                lines.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
-            else:
-                lines.append(str(item))
-        return "; ".join(lines)
-    if detail is None:
-        return ""
-    return str(detail)
 
 
 def error_for_response(resp: httpx.Response, *, step: str, endpoint: str, request_id: str | None = None) -> MantisError:

@@ -19,7 +19,7 @@ from ...errors import (
     RateLimitError,
     RequestTimeoutError,
 )
-from .._http.responses import json_body
+from .._http.responses import format_detail, json_body
 from .._http.retry import sent_nothing
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -38,21 +38,6 @@ def should_retry_exception(exc: httpx.HTTPError, *, posts: bool) -> bool:
     return sent_nothing(exc) if posts else isinstance(exc, httpx.TransportError)
 
 
-def _format_detail(detail: Any) -> str:
-    """FastAPI's ``detail``: a string, or ``[{loc, msg, type}]`` -> "loc: msg; ..."."""
-    if isinstance(detail, list):
-        lines = []
-        for item in detail:
-            if isinstance(item, dict):
-                loc = [str(p) for p in item.get("loc", []) if p != "body"]
-                msg = str(item.get("msg", item))
-                lines.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
-            else:
-                lines.append(str(item))
-        return "; ".join(lines)
-    return "" if detail is None else str(detail)
-
-
 def server_message(body: Any, text: str = "") -> str:
     """The server's own words, from any of the three error shapes: vLLM's
     ``{"error": {"message"}}``, SGLang's flat ``{"message"}``, transformers serve's
@@ -67,7 +52,7 @@ def server_message(body: Any, text: str = "") -> str:
         if not msg and isinstance(body.get("message"), str):
             msg = body["message"]
         if not msg and "detail" in body:
-            msg = _format_detail(body["detail"])
+            msg = format_detail(body["detail"])
     if not msg and body is None:
         msg = text.strip()[:300]
     return msg if len(msg) <= 1000 else msg[:1000] + "..."
