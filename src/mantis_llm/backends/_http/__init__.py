@@ -9,11 +9,37 @@ the server-sent-events decoder.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import ssl
+from typing import Any, TypeVar
 
 import httpx
 
 from ..._validate import check_option
+
+_Client = TypeVar("_Client", httpx.Client, httpx.AsyncClient)
+
+LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=100)
+"""Our clients' pool: no cap on connections (a backend caps its own concurrency), many kept alive."""
+
+
+@functools.lru_cache(maxsize=1)
+def ssl_context() -> ssl.SSLContext:
+    """One TLS context for all our clients: building one costs tens of milliseconds, and an
+    async client is made per event loop (e.g. each ``asyncio.run``)."""
+    return httpx.create_ssl_context()
+
+
+def new_client(cls: type[_Client]) -> _Client:
+    """A client of ours (sync or async): shared TLS context, no redirects followed (a redirect
+    must not carry a key to another host)."""
+    return cls(limits=LIMITS, verify=ssl_context(), follow_redirects=False)
+
+
+def origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the default port filled in: what "the same host" means."""
+    u = url if isinstance(url, httpx.URL) else httpx.URL(url)
+    return u.scheme, u.host, u.port or {"http": 80, "https": 443}.get(u.scheme)
 
 
 def check_clients(client: Any, async_client: Any) -> None:

@@ -11,6 +11,7 @@ import httpx
 from pydantic import SecretStr
 
 from ..._version import USER_AGENT
+from .._http import origin
 
 DEFAULT_QUEUE_URL = "https://queue.fal.run"
 DEFAULT_RUN_URL = "https://fal.run"
@@ -31,12 +32,6 @@ image, once more with a blank placeholder (``"retry"``); ``images: []`` only (``
 the placeholder from the start (``"placeholder"``)."""
 SubmitPolicy = Literal["at_most_once", "at_least_once"]
 """Whether a POST that creates a job is resent after a failure that may have created one."""
-
-
-def origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
-    """(scheme, host, port) with the default port filled in: what "the same host" means."""
-    u = url if isinstance(url, httpx.URL) else httpx.URL(url)
-    return u.scheme, u.host, u.port or {"http": 80, "https": 443}.get(u.scheme)
 
 
 @dataclass(frozen=True)

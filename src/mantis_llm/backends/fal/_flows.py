@@ -16,6 +16,7 @@ from ..._text import StopTrimmer, apply_stop
 from ...errors import BackendError, InvalidRequestError, MantisError
 from ...images import ImageOptions
 from ...types import Chunk
+from .._http import origin
 from .._http.actions import Flow, close, emit, read, send, sleep
 from .._http.responses import json_body
 from .._http.retry import DeadlineExceeded
@@ -29,7 +30,6 @@ from ._config import (
     POLL_START,
     STATUS_STREAM_IDLE,
     STREAM_REOPENS,
-    origin,
 )
 from ._errors import asks_for_an_image, error_for_response, job_error, transport_error
 from ._payload import build_payload, with_placeholder

@@ -12,11 +12,9 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import functools
 import logging
 import math
 import os
-import ssl
 import threading
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
@@ -31,7 +29,7 @@ from ...errors import ConfigurationError
 from ...images import ImageOptions, image_options_arg
 from ...types import Chunk, Request, Response
 from .. import DEFAULT_FAL_ENDPOINT
-from .._http import check_clients
+from .._http import check_clients, new_client
 from .._http.actions import Flow
 from .._http.drivers import adrive, drive
 from ..base import Backend, OnUpdate, require_request
@@ -50,19 +48,11 @@ from ._flows import FLOWS, Mode, run_flow
 
 logger = logging.getLogger("mantis_llm.fal")
 
-_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=100)
 _SHARD_CALLS = 16  # concurrent calls per pooled AsyncClient (see FalBackend._async_client)
 _EXIT_CLOSE_TIMEOUT = 2.0  # seconds the interpreter's exit waits for one loop's clients to close
 _FINALIZER_ROUNDS = 16  # a dropped stream's byte iterators close one after another (httpx nests several)
 _FINALIZER_WAIT = 1.0  # seconds one round waits for them
 _ACLOSE = "async_generator_athrow"  # the type of agen.aclose(): what asyncio's finalizer tasks run
-
-
-@functools.lru_cache(maxsize=1)
-def _ssl_context() -> ssl.SSLContext:
-    """One TLS context for all our clients: building one costs tens of milliseconds, and an
-    async client is made per event loop (e.g. each ``asyncio.run``)."""
-    return httpx.create_ssl_context()
 
 
 def _resolve_key(api_key: str | SecretStr | None) -> SecretStr:
@@ -393,7 +383,7 @@ class FalBackend(Backend):
             return self._user_client
         with self._lock:
             if self._client is None:
-                self._client = httpx.Client(limits=_LIMITS, verify=_ssl_context(), follow_redirects=False)
+                self._client = new_client(httpx.Client)
                 # A script that never calls close() would leave the pooled socket to the
                 # interpreter's teardown ("ResourceWarning: unclosed <socket ...>"): close the
                 # client when the backend is collected, or at exit (finalize runs at exit too).
@@ -427,7 +417,7 @@ class FalBackend(Backend):
             shards = pool[0]
             client = next((c for c, n in shards.items() if n < _SHARD_CALLS), None)
             if client is None:
-                client = httpx.AsyncClient(limits=_LIMITS, verify=_ssl_context(), follow_redirects=False)
+                client = new_client(httpx.AsyncClient)
                 shards[client] = 0
                 logger.debug("fal: pooled AsyncClient %d for this event loop", len(shards))
             shards[client] += 1

@@ -15,6 +15,7 @@ from pydantic import SecretStr
 from ..._version import USER_AGENT
 from ...errors import ConfigurationError
 from ...images import ImageOptions
+from .._http import origin
 
 DEFAULT_TIMEOUT = 600.0  # the whole call, as the openai client's default
 DEFAULT_MAX_RETRIES = 2  # as the openai client: a local server that is down should fail fast
@@ -22,12 +23,6 @@ CONNECT_TIMEOUT = 10.0
 PROBE_TIMEOUT = 10.0  # each GET of the one-time detection (/v1/models, /version, ...)
 ENV_BASE_URL = "MANTIS_BASE_URL"
 ENV_API_KEY = "OPENAI_API_KEY"
-
-
-def origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
-    """(scheme, host, port) with the default port filled in: what "the same server" means."""
-    u = url if isinstance(url, httpx.URL) else httpx.URL(url)
-    return u.scheme, u.host, u.port or {"http": 80, "https": 443}.get(u.scheme)
 
 
 def resolve_base_url(value: str | None) -> str:

@@ -8,10 +8,8 @@ shared drivers, once with an :class:`httpx.Client` and once with an :class:`http
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
-import ssl
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +22,7 @@ from pydantic import SecretStr
 from ..._validate import UNSET, check_option, is_non_negative_int, is_number, is_positive_int, is_str_dict
 from ...images import ImageOptions, image_options_arg
 from ...types import Chunk, Request, Response
-from .._http import check_clients
+from .._http import check_clients, new_client
 from .._http.drivers import adrive, drive
 from ..base import Backend, OnUpdate, require_request
 from ._config import (
@@ -41,19 +39,6 @@ from ._payload import json_constraint
 from ._servers import SERVER_NAMES, SERVERS
 
 logger = logging.getLogger("mantis_llm.openai")
-
-_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=100)
-
-
-@functools.lru_cache(maxsize=1)
-def _ssl_context() -> ssl.SSLContext:
-    """One TLS context for all our clients (building one costs tens of milliseconds, and an
-    async client is made per event loop)."""
-    return httpx.create_ssl_context()
-
-
-def _new_client(cls: Any) -> Any:
-    return cls(limits=_LIMITS, verify=_ssl_context(), follow_redirects=False)
 
 
 async def _close_at_shutdown(client: httpx.AsyncClient) -> AsyncGenerator[None, None]:
@@ -230,7 +215,7 @@ class OpenAIBackend(Backend):
             return self._user_client
         with self._lock:
             if self._client is None:
-                self._client = _new_client(httpx.Client)
+                self._client = new_client(httpx.Client)
             return self._client
 
     async def _loop_pool(self) -> _LoopPool:
@@ -241,7 +226,7 @@ class OpenAIBackend(Backend):
             if pool is None:
                 for old in [lp for lp in self._loops if lp.is_closed()]:
                     del self._loops[old]  # closed at that loop's shutdown (see _close_at_shutdown)
-                client = self._user_async_client or _new_client(httpx.AsyncClient)
+                client = self._user_async_client or new_client(httpx.AsyncClient)
                 # a user's client is theirs to close: park a no-op closer instead
                 closer = _close_at_shutdown(client) if self._user_async_client is None else _noop()
                 pool = self._loops[loop] = _LoopPool(client, closer, asyncio.Lock())
