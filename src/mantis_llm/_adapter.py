@@ -70,6 +70,18 @@ class BackendSlot:
         backend, self.backend = self.backend, None
         return backend
 
+    def close(self) -> None:
+        """Empty the slot and close the backend it built (the adapters' ``close``)."""
+        backend = self.take()
+        if backend is not None:
+            backend.close()
+
+    async def aclose(self) -> None:
+        """Async :meth:`close`."""
+        backend = self.take()
+        if backend is not None:
+            await backend.aclose()
+
     def __deepcopy__(self, memo: dict[int, Any]) -> BackendSlot:
         return BackendSlot()
 

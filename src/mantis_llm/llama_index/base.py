@@ -213,15 +213,11 @@ class _MantisBase(BaseModel):
 
     def close(self) -> None:
         """Release the backend this model built (a backend instance you passed is yours)."""
-        backend = self._slot.take()
-        if backend is not None:
-            backend.close()
+        self._slot.close()
 
     async def aclose(self) -> None:
         """Async :meth:`close`."""
-        backend = self._slot.take()
-        if backend is not None:
-            await backend.aclose()
+        await self._slot.aclose()
 
     def _default_params(self) -> GenerationParams:
         return GenerationParams(
