@@ -28,17 +28,14 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from dataclasses import replace
 from typing import Any
 
 import pytest
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
-from mantis_llm.backends.base import Backend
 from mantis_llm.backends.fal import FalBackend
 from mantis_llm.langchain import ChatMantis
-from mantis_llm.types import Conversation, Image, Request, Turn
 
 JOKE = json.dumps({"setup": "Why did the cat sit on the computer?", "punchline": "To keep an eye on the mouse."})
 
@@ -110,42 +107,6 @@ class ChatMantisIntegration(ChatMantisSuite, ChatModelIntegrationTests):
 # ------------------------------------------------------------------ fal (emulator)
 
 
-class PictureForTextOnly(Backend):
-    """fal's Mantis endpoint rejects a request without an image (422, as the emulator does);
-    most standard tests ask text-only questions ("Hello"). For those, this wrapper puts one
-    small picture at the start of the first user message; requests that carry images pass
-    through untouched. Everything else is the real FalBackend over HTTP."""
-
-    provider = "fal"
-
-    def __init__(self, inner: Backend, picture: bytes) -> None:
-        self.inner, self.model, self.picture = inner, inner.model, picture
-
-    def _with_picture(self, request: Request) -> Request:
-        conv = request.conversation
-        if conv.images:
-            return request
-        turns = [Turn(t.role, list(t.parts)) for t in conv.turns]
-        first_user = next(t for t in turns if t.role == "user")
-        first_user.parts.insert(0, Image(self.picture))
-        return replace(request, conversation=Conversation(turns))  # tools and format kept
-
-    def generate(self, request, *, on_update=None):
-        return self.inner.generate(self._with_picture(request), on_update=on_update)
-
-    async def agenerate(self, request, *, on_update=None):
-        return await self.inner.agenerate(self._with_picture(request), on_update=on_update)
-
-    def stream(self, request, *, on_update=None):
-        return self.inner.stream(self._with_picture(request), on_update=on_update)
-
-    def astream(self, request, *, on_update=None):
-        return self.inner.astream(self._with_picture(request), on_update=on_update)
-
-    def close(self) -> None:
-        self.inner.close()
-
-
 def emulator_answers(payload: Any) -> str | None:
     """What the scripted "model" answers, from the prompt it is sent: after a tool result, a
     text answer; where tools are offered, a call of the tool the instruction names (or the one
@@ -191,18 +152,20 @@ def _argument(name: str, schema: dict, question: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def fal_backend(emulator, picture):
-    """A FalBackend on the module's emulator (scripted answers), wrapped for text-only tests."""
+def fal_backend(emulator):
+    """A FalBackend on the module's emulator (scripted answers). The emulator refuses a request
+    without an image, as fal may; most standard tests ask text-only questions ("Hello"), so
+    they also run the backend's text_only="retry" path (a placeholder picture, once learnt)."""
     emulator.script(emulator_answers)
-    inner = FalBackend(
+    backend = FalBackend(
         api_key=emulator.key,
         queue_url=emulator.queue_url,
         run_url=emulator.run_url,
         rest_url=emulator.rest_url,
         cdn_url=emulator.cdn_url,
     )
-    yield PictureForTextOnly(inner, picture)
-    inner.close()
+    yield backend
+    backend.close()
     emulator.script([])
 
 
