@@ -10,11 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigurationError
-from .base import Backend, OnUpdate
+from .base import DEFAULT_FAL_ENDPOINT, DEFAULT_LOCAL_MODEL, DEFAULT_OPENAI_MODEL, Backend, OnUpdate
 
-DEFAULT_FAL_ENDPOINT = "fal-ai/mantis-llava-7b-v11"
-DEFAULT_LOCAL_MODEL = "TIGER-Lab/Mantis-llava-7b"
-DEFAULT_OPENAI_MODEL = ""  # "not given": the server's only served model, read from /v1/models
 BACKEND_NAMES = ("fal", "local", "openai")
 
 

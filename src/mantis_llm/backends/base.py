@@ -1,4 +1,5 @@
-"""The contract every backend fulfils. A backend knows nothing of LangChain or LlamaIndex."""
+"""The contract every backend fulfils, and their default models. A backend knows nothing of
+LangChain or LlamaIndex."""
 
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ from ..types import Chunk, Request, Response, Update
 
 OnUpdate = Callable[[Update], None]
 """Called with each progress report (fal queue position, logs). Must not block."""
+
+# The models each backend runs when none is named (here, below every backend module, so that
+# none of them imports the package that imports it)
+DEFAULT_FAL_ENDPOINT = "fal-ai/mantis-llava-7b-v11"
+DEFAULT_LOCAL_MODEL = "TIGER-Lab/Mantis-llava-7b"
+DEFAULT_OPENAI_MODEL = ""  # "not given": the server's only served model, read from /v1/models
 
 
 def require_request(backend: Backend, request: Any) -> Request:

@@ -28,11 +28,10 @@ from ..._validate import UNSET, check_option, is_non_negative_int, is_number, is
 from ...errors import ConfigurationError
 from ...images import ImageOptions, image_options_arg
 from ...types import Chunk, Request, Response
-from .. import DEFAULT_FAL_ENDPOINT
 from .._http import check_clients, new_client
 from .._http.actions import Flow
 from .._http.drivers import adrive, drive
-from ..base import Backend, OnUpdate, require_request
+from ..base import DEFAULT_FAL_ENDPOINT, Backend, OnUpdate, require_request
 from ._call import Call
 from ._config import (
     DEFAULT_CDN_URL,

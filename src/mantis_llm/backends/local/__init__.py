@@ -3,7 +3,7 @@
 Importing this package imports neither torch nor transformers; they load with the model.
 """
 
-from ._loading import INSTALL_HINT
+from ._deps import INSTALL_HINT
 from .backend import TransformersBackend
 
 __all__ = ["TransformersBackend", "INSTALL_HINT"]

@@ -15,23 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...errors import ConfigurationError
+from ._deps import import_deps
 
 logger = logging.getLogger("mantis_llm.local")
-
-INSTALL_HINT = 'pip install "mantis-llm[local]"'
-
-
-def import_deps() -> tuple[Any, Any]:
-    """Import torch and transformers, or say which extra to install."""
-    try:
-        import torch
-        import transformers
-        from transformers import LlavaForConditionalGeneration, LlavaProcessor  # noqa: F401
-    except ImportError as exc:
-        raise ConfigurationError(
-            f"the local backend needs torch and transformers ({exc}); install them with: {INSTALL_HINT}"
-        ) from None
-    return torch, transformers
 
 
 def first_line(exc: BaseException) -> str:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...errors import ConfigurationError, InvalidRequestError
-from ._loading import INSTALL_HINT
+from ._deps import import_llguidance
 
 __all__ = [
     "JSON_SEPARATORS",
@@ -80,17 +80,6 @@ def lark_grammar(schema: dict[str, Any] | None, *, allow_text: bool) -> str:
     if allow_text:
         return f'start: TEXT | " "? value\nTEXT: {_TEXT_TERMINAL}\nvalue: %json {body}\n'
     return f'start: " "? value\nvalue: %json {body}\n'
-
-
-def _llguidance() -> Any:
-    try:
-        import llguidance
-        import llguidance.hf  # noqa: F401  (imports transformers, which the local backend has)
-    except ImportError as exc:
-        raise ConfigurationError(
-            f"grammar-constrained generation needs llguidance ({exc}); install it with: {INSTALL_HINT}"
-        ) from None
-    return llguidance
 
 
 # "at 2(8): failed to compile JSON schema: Unknown format: foo\n   1 | start: ...": keep the
@@ -173,7 +162,7 @@ class GrammarCompiler:
         return self._lltokenizer
 
     def _build_tokenizer(self) -> Any:
-        llg = _llguidance()
+        llg = import_llguidance()
         started = time.perf_counter()
         try:
             lltok = llg.hf.from_tokenizer(self.tokenizer, n_vocab=self.n_vocab, eos_token=list(self.eos_ids))
@@ -196,7 +185,7 @@ class GrammarCompiler:
                 self._cache.move_to_end(grammar)
                 self.hits += 1
                 return hit
-        llg = _llguidance()
+        llg = import_llguidance()
         lltok = self.lltokenizer
         started = time.perf_counter()
         # outside the lock: a big grammar takes a while (llguidance drops the GIL meanwhile)
