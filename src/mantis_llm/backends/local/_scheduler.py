@@ -87,6 +87,7 @@ class Scheduler:
         self._running: list[Job] = []
         self._preparing = 0
         self._stopping = False
+        self._stop_error: BackendError | None = None
         self._worker: threading.Thread | None = None
 
     @property
@@ -96,20 +97,25 @@ class Scheduler:
     def start(self) -> None:
         with self._cond:
             self._stopping = False
+        # a daemon, so that an idle worker never keeps the interpreter alive; the backend's exit
+        # hook (backend.py) stops it before the interpreter finalizes
         self._worker = threading.Thread(target=self._worker_loop, name="mantis-local-worker", daemon=True)
         self._worker.start()
 
-    def stop(self, error: BackendError) -> None:
+    def stop(self, error: BackendError, *, wait: bool = True) -> None:
         """Fail queued jobs with ``error``, stop running rows at their next token (they fail
-        with it too) and wait for the worker to end."""
+        with it too) and (unless ``wait`` is false) wait for the worker to end."""
         with self._cond:
             self._stopping = True
+            self._stop_error = error
             pending, self._jobs = list(self._jobs), deque()
             for job in self._running:
                 job.cancel_error = error
             self._cond.notify_all()
         for job in pending:
             job.fail(error)
+        if not wait:
+            return
         worker = self._worker
         if worker is not None and worker is not threading.current_thread():
             worker.join()
@@ -150,7 +156,14 @@ class Scheduler:
                 if self._stopping:
                     return
                 batch = self._take_batch()
-                self._running = batch
+                # stop() may have come while the batch was held open: it is neither queued nor
+                # running, so it fails here (rather than run to the end while stop() waits)
+                stale: list[Job] = batch if self._stopping else []
+                self._running = [] if stale else batch
+            if stale:
+                for job in stale:
+                    job.fail(self._stop_error or BackendError("the backend was closed", request_id=job.request_id))
+                return
             try:
                 self.run_batch(batch)
             except BaseException as exc:  # never let the worker die silently

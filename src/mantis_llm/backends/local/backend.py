@@ -10,29 +10,33 @@ Backend API.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import gc
+import logging
 import os
 import queue
 import threading
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import replace
 from typing import Any, ClassVar
 
-from ..._validate import UNSET, check_option, is_number, is_positive_int
+from ..._validate import UNSET, check_option, is_number, is_positive_int, is_str_dict
 from ...errors import BackendError, ConfigurationError, ContextLengthError
-from ...images import ImageOptions, load_pil
+from ...images import ImageOptions, image_options_arg, load_pil
 from ...prompt import render
+from ...tokens import TokenCounter
 from ...tools import output_constraint
 from ...types import Chunk, Request, Response, Update
-from .. import DEFAULT_LOCAL_MODEL
-from ..base import Backend, OnUpdate, require_request
+from ..base import DEFAULT_LOCAL_MODEL, Backend, OnUpdate, require_request
 from . import _generation
 from ._loading import Loaded, LoadSettings, first_line, load
 from ._scheduler import End, Job, Scheduler
 
 DEFAULT_MAX_TOKENS = 512
+
+logger = logging.getLogger("mantis_llm.local")
 
 
 class TransformersBackend(Backend):
@@ -55,7 +59,8 @@ class TransformersBackend(Backend):
     a request's ``seed`` makes sampling reproducible without touching the global RNG.
 
     Loading is lazy (first request, or :meth:`load`) and thread-safe; :meth:`close` frees the
-    model (a later request loads it again).
+    model (a later request loads it again). A backend still loaded when the interpreter exits
+    is closed then (an atexit hook): requests still running fail with BackendError.
     """
 
     provider: ClassVar[str] = "transformers"
@@ -117,22 +122,9 @@ class TransformersBackend(Backend):
             "a number of seconds in [0, 60)",
             batch_wait,
         )
-        check_option(
-            image_options is None or isinstance(image_options, ImageOptions),
-            "image_options",
-            "a mantis_llm.images.ImageOptions or None",
-            image_options,
-        )
         for name, value in (("model_kwargs", model_kwargs), ("generate_kwargs", generate_kwargs)):
-            check_option(
-                value is None or (isinstance(value, dict) and all(isinstance(k, str) for k in value)),
-                name,
-                "a dict with str keys",
-                value,
-            )
-        options = image_options or ImageOptions()
-        if image_short_side is not UNSET:  # None disables downsizing
-            options = replace(options, short_side=image_short_side)  # ImageOptions checks it
+            check_option(value is None or is_str_dict(value), name, "a dict with str keys", value)
+        options = image_options_arg(image_options, image_short_side)
         self.model = os.fspath(model)
         self.device = device
         self.device_map = device_map
@@ -167,7 +159,9 @@ class TransformersBackend(Backend):
         if self._state is None:
             with self._load_lock:
                 if self._state is None:
+                    _watch(self)
                     state = load(self._load_settings())
+                    _hook_exit()  # now that torch is imported: see _close_at_exit
                     self._state = state
                     self._scheduler.start()
         return self
@@ -212,6 +206,20 @@ class TransformersBackend(Backend):
     def tokens_per_image(self) -> int:
         """Prompt tokens each image expands to (576 for Mantis-llava-7b)."""
         return self._loaded().tokens_per_image
+
+    def loaded_token_counter(self) -> TokenCounter | None:
+        """An exact :class:`~mantis_llm.tokens.TokenCounter` of the loaded model (its tokenizer,
+        image size and context), or None when the model is not in memory: never loads it."""
+        state = self._state
+        if state is None:
+            return None
+        return TokenCounter(
+            state.tokenizer,
+            model=self.model,
+            tokens_per_image=int(state.tokens_per_image),
+            context_length=int(state.context),
+            source="local backend tokenizer",
+        )
 
     # ------------------------------------------------------------------ preparing requests
 
@@ -379,11 +387,14 @@ class TransformersBackend(Backend):
     def close(self) -> None:
         """Stop the worker (queued and running requests fail with BackendError) and free
         the model. Safe to call twice; a later request loads the model again."""
+        self._close(BackendError("the backend was closed"))
+
+    def _close(self, error: BackendError) -> None:
         with self._load_lock:
             state = self._state
             if state is None:
                 return
-            self._scheduler.stop(BackendError("the backend was closed"))
+            self._scheduler.stop(error)
             self._state = None
             cuda = state.device.type == "cuda"
             torch = state.torch
@@ -425,6 +436,67 @@ def _queued(job: Job, on_update: OnUpdate | None) -> Job:
     if on_update is not None:
         on_update(Update(status="IN_QUEUE", request_id=job.request_id))
     return job
+
+
+# ---------------------------------------------------------------------- closing at interpreter exit
+#
+# The worker is a daemon thread: the interpreter does not wait for it. A script that ends
+# without close() while the worker is in torch (a decoding step, or the end of a generate()
+# whose caller already has its answer, or one a Ctrl-C abandoned) reaches Py_FinalizeEx, which
+# marks the runtime as finalizing. When the worker then leaves a torch op, pybind11's
+# gil_scoped_release destructor takes the GIL back; on CPython < 3.14 a thread taking the GIL
+# during finalization is ended with pthread_exit, whose forced unwinding cannot pass that
+# noexcept destructor: std::terminate ("terminate called without an active exception"),
+# SIGABRT. (3.14 parks such a thread for good instead; stopping it first is still right.)
+#
+# So every backend still loaded is closed by an atexit hook: atexit callbacks run after
+# threading has joined the non-daemon threads (a caller on one gets its whole answer, as
+# Python promises) and before the runtime is marked finalizing, so the worker stops at its
+# next token, is joined and the model freed while the interpreter is intact. (threading's
+# private _register_atexit would run before those joins and fail those callers' requests.)
+# The hook is registered once torch is imported, so it runs before torch's own atexit hooks
+# (last in, first out); the set holds weak references, never keeping a backend alive.
+
+_live: weakref.WeakSet[TransformersBackend] = weakref.WeakSet()  # backends that loaded (or are loading)
+_exit_lock = threading.Lock()
+_exit_hooked = False
+_exiting = False
+
+
+def _watch(backend: TransformersBackend) -> None:
+    """Count ``backend`` among those the exit hook closes; refuse to load once exiting."""
+    with _exit_lock:  # with _close_at_exit's: a backend is either in its list or refused
+        if _exiting:
+            raise BackendError("the interpreter is exiting: the local backend does not load any more")
+        _live.add(backend)
+
+
+def _hook_exit() -> None:
+    global _exit_hooked
+    with _exit_lock:
+        if not _exit_hooked:
+            atexit.register(_close_at_exit)
+            if hasattr(os, "register_at_fork"):
+                # a forked child has copies of the backends but not their workers (and perhaps
+                # their locks, held): its exit must not wait on them
+                os.register_at_fork(after_in_child=_live.clear)
+            _exit_hooked = True
+
+
+def _close_at_exit() -> None:
+    """atexit: close every backend still loaded (requests still running fail with BackendError)."""
+    global _exiting
+    with _exit_lock:
+        _exiting = True
+        backends = list(_live)
+    error = BackendError("the local backend was closed: the interpreter is exiting")
+    for backend in backends:  # every worker stops at its next token, all at once
+        backend._scheduler.stop(error, wait=False)
+    for backend in backends:
+        try:
+            backend._close(error)
+        except Exception:
+            logger.warning("could not close %r at exit", backend, exc_info=True)
 
 
 __all__ = ["TransformersBackend", "DEFAULT_MAX_TOKENS"]
