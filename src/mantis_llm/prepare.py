@@ -30,7 +30,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from . import __version__
+from ._version import __version__
 from .errors import ConfigurationError
 
 __all__ = ["TEMPLATES", "TemplateName", "chat_template", "detect_template", "prepare_model"]

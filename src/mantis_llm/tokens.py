@@ -414,17 +414,9 @@ class TokenCounter:
         OpenAI-compatible server of a prepared model), else an estimate for the model's name
         (fal). Never loads a model, never downloads."""
         model = getattr(backend, "model", None)
-        if getattr(backend, "loaded", False):
-            state = getattr(backend, "_state", None)  # TransformersBackend: read, never load
-            tokenizer = getattr(state, "tokenizer", None)
-            if tokenizer is not None:
-                return cls(
-                    tokenizer,
-                    model=model,
-                    tokens_per_image=int(state.tokens_per_image),  # type: ignore[union-attr]
-                    context_length=int(state.context),  # type: ignore[union-attr]
-                    source="local backend tokenizer",
-                )
+        own = getattr(backend, "loaded_token_counter", None)  # TransformersBackend: never loads
+        if callable(own) and (counter := own()) is not None:
+            return counter
         if model:  # a local directory or a cached Hub snapshot (local backend, a served prepared model)
             try:
                 return cls.from_pretrained(model, context_length=getattr(backend, "max_context", None))
