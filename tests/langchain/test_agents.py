@@ -94,6 +94,8 @@ def test_create_agent_repairs_a_broken_call_inside_the_model_call(chat, emu):
     assert '{"name": "count_squares", "arguments": {"colour": 3' in repair and "cut off" in repair
 
 
+# LangGraph 1.x deprecates its prebuilt agent for langchain's create_agent; people still use it
+@pytest.mark.filterwarnings("ignore:create_react_agent has been moved")
 def test_langgraph_prebuilt_agent_sees_openai_style_tools(chat, emu):
     from langgraph.prebuilt import create_react_agent
 
