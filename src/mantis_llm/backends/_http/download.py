@@ -1,14 +1,17 @@
-"""An http(s) image fetched as a flow, through the driver's client, so the download is sync
-or async with the call that needs it (``ImageOptions.fetch_remote``)."""
+"""Images as flows, for the HTTP backends: an http(s) image fetched through the driver's
+client (``ImageOptions.fetch_remote``), so the download is sync or async with the call that
+needs it, and any image encoded for sending with the decoding off the event loop."""
 
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import httpx
 
-from ...images import Download, ImageOptions, _labeled
-from .actions import Flow, close, read, send
+from ...images import Download, EncodedImage, ImageOptions, _labeled, encode_bytes, encode_for_fal
+from ...types import Image
+from .actions import Flow, close, offload, read, send
 
 
 def download(url: str, options: ImageOptions, label: str) -> Flow[bytes]:
@@ -35,3 +38,20 @@ def download(url: str, options: ImageOptions, label: str) -> Flow[bytes]:
                 dl.on_chunk(chunk)
             yield from close(resp)
             return dl.finish()
+
+
+def encode(image: Image, label: str, options: ImageOptions) -> Flow[str | EncodedImage]:
+    """``image`` ready to send: an http(s) URL as it is (unless ``fetch_remote``: then
+    downloaded), anything else as an :class:`~mantis_llm.images.EncodedImage`, downsized and
+    re-encoded only when needed. Decoding and encoding run off the event loop."""
+    if image.is_remote and not options.fetch_remote:
+        assert image.url is not None
+        return image.url  # passed through as it is: nothing to decode, no thread hop
+    if image.is_remote:
+        assert image.url is not None
+        data = yield from download(image.url, options, label)
+        encoded: EncodedImage = yield from offload(partial(encode_bytes, label=label), data, options)
+        return encoded
+    found = yield from offload(partial(encode_for_fal, label=label), image, options)
+    assert isinstance(found, EncodedImage)  # only remote images pass through as strings
+    return found

@@ -6,18 +6,17 @@ from __future__ import annotations
 import logging
 import time
 from datetime import datetime, timezone
-from functools import partial
 from typing import Any
 
 import httpx
 from pydantic import SecretStr
 
 from ...errors import AuthenticationError, BackendError
-from ...images import EncodedImage, ImageOptions, encode_bytes, encode_for_fal
+from ...images import EncodedImage, ImageOptions
 from ...prompt import IMAGE_TOKEN, render
 from ...types import Image
-from .._http.actions import Flow, offload
-from .._http.download import download
+from .._http.actions import Flow
+from .._http.download import encode
 from .._http.responses import json_body
 from ._call import Call
 from ._config import CdnToken
@@ -57,17 +56,9 @@ def token_from_response(data: Any, now: float) -> CdnToken:
 def encode_image(image: Image, label: str, call: Call, options: ImageOptions) -> Flow[str | EncodedImage]:
     """One image as a URL or data URI string, or an :class:`EncodedImage` too large for a
     data URI (to be uploaded). Decoding and encoding run off the event loop."""
-    if image.is_remote and not options.fetch_remote:
-        assert image.url is not None
-        return image.url  # passed through as it is: nothing to decode, no thread hop
-    if image.is_remote:
-        assert image.url is not None
-        data = yield from download(image.url, options, label)
-        enc = yield from offload(partial(encode_bytes, label=label), data, options)
-    else:
-        found = yield from offload(partial(encode_for_fal, label=label), image, options)
-        assert isinstance(found, EncodedImage)  # only remote images pass through as strings
-        enc = found
+    enc = yield from encode(image, label, options)
+    if isinstance(enc, str):
+        return enc
     uri = enc.data_uri()
     return uri if len(uri) <= call.cfg.upload_threshold else enc
 

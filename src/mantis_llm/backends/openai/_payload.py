@@ -11,15 +11,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Sequence
-from functools import partial
 from typing import Any
 
-from ...images import ImageOptions, encode_bytes, encode_for_fal
+from ...images import ImageOptions
 from ...prompt import render
 from ...tools import OutputConstraint, output_constraint
 from ...types import Conversation, Image, Request
-from .._http.actions import Flow, offload
-from .._http.download import download
+from .._http.actions import Flow
+from .._http.download import encode
 from ._servers import Server
 
 # transformers serve raises max_new_tokens to at least this when the model's config says
@@ -150,17 +149,6 @@ def encode_images(conversation: Conversation, options: ImageOptions) -> Flow[lis
     kept byte for byte when they already fit). Decoding runs off the event loop."""
     urls = []
     for label, image in labeled_images(conversation):
-        if image.is_remote and not options.fetch_remote:
-            assert image.url is not None
-            urls.append(image.url)
-            continue
-        if image.is_remote:
-            assert image.url is not None
-            data = yield from download(image.url, options, label)
-            enc = yield from offload(partial(encode_bytes, label=label), data, options)
-        else:
-            found = yield from offload(partial(encode_for_fal, label=label), image, options)
-            assert not isinstance(found, str)  # only remote images pass through as strings
-            enc = found
-        urls.append(enc.data_uri())
+        enc = yield from encode(image, label, options)
+        urls.append(enc if isinstance(enc, str) else enc.data_uri())
     return urls
