@@ -450,3 +450,16 @@ def test_pickle_keeps_settings_and_rebuilds_the_backend(emu, png_bytes):
     assert clone.chat([user(ImageBlock(image=png_bytes), "hi")]).message.content
     m.close()
     clone.close()
+
+
+def test_legacy_additional_kwargs_images_are_sent_once_per_call(model, received, images):
+    # llama-index-core appends the ImageDocuments of additional_kwargs["images"] to the blocks
+    # again whenever the message is validated again (every chat call's start event does)
+    msg = ChatMessage(
+        role="user", content="describe", additional_kwargs={"images": [ImageDocument(image_path=str(images["red"]))]}
+    )
+    for _ in range(3):
+        model.chat([msg])
+        assert len(received.payload()["images"]) == 1
+        assert received.sizes() == [(64, 48)]
+    assert len(msg.blocks) > 2  # llama-index did pile them up: the guard is what kept the count

@@ -120,6 +120,24 @@ def _parts(blocks: Sequence[Any], where: str, counter: list[int], calls: list[To
             )
 
 
+def _blocks(message: ChatMessage) -> list[Any]:
+    """The message's blocks, each legacy ``additional_kwargs["images"]`` image once.
+
+    llama-index-core turns those ImageDocuments into ImageBlocks appended to ``blocks`` in a
+    model validator, and re-runs it on the same message whenever the message is validated
+    again (each ``LLMChatStartEvent`` of a chat call does): the images pile up at the end,
+    one more copy per call. Copies after the first are dropped here."""
+    blocks = list(message.blocks)
+    n = len(message.additional_kwargs.get("images") or ())
+    if n:
+        while len(blocks) >= 2 * n and all(
+            isinstance(a, ImageBlock) and isinstance(b, ImageBlock) and a.image == b.image
+            for a, b in zip(blocks[-n:], blocks[-2 * n : -n], strict=True)
+        ):
+            del blocks[-n:]
+    return blocks
+
+
 def to_conversation(messages: Sequence[ChatMessage]) -> Conversation:
     """Translate LlamaIndex chat messages into a :class:`~mantis_llm.types.Conversation`.
 
@@ -140,7 +158,7 @@ def to_conversation(messages: Sequence[ChatMessage]) -> Conversation:
         if role is None:  # pragma: no cover - a MessageRole added by a future llama-index
             raise InvalidRequestError(f"{where}: role {message.role!r} is not supported")
         blocks: list[ToolCallBlock] = []
-        parts = list(_parts(message.blocks, where, [0], blocks if role == "assistant" else None))
+        parts = list(_parts(_blocks(message), where, [0], blocks if role == "assistant" else None))
         if message.role in (MessageRole.TOOL, MessageRole.FUNCTION):
             extra = message.additional_kwargs
             call_id = extra.get("tool_call_id")
