@@ -217,3 +217,19 @@ def test_bad_image_documents():
         to_image_block(ImageNode(image="not base64!"), "image_documents[0]")
     with pytest.raises(InvalidRequestError, match=r"image_documents\[1\]: expected an ImageBlock.*got str"):
         prompt_messages("q", [ImageBlock(url="https://e.com/a.png"), "a.png"])
+
+
+def test_a_text_document_read_from_an_image_file_says_which_package_reads_images():
+    # what SimpleDirectoryReader makes of a PNG without llama-index-readers-file
+    from llama_index.core.schema import Document
+
+    from mantis_llm.llama_index._messages import prompt_messages
+
+    doc = Document(text="\ufffdPNG\r\n", metadata={"file_path": "/data/house.png", "file_type": "image/png"})
+    with pytest.raises(InvalidRequestError) as info:
+        prompt_messages("describe", [doc])
+    message = str(info.value)
+    assert message.startswith("image_documents[0]: a text Document read from the image file /data/house.png")
+    assert "pip install llama-index-readers-file" in message
+    with pytest.raises(InvalidRequestError, match="expected an ImageBlock, ImageNode or ImageDocument, got Document"):
+        prompt_messages("describe", [Document(text="plain", metadata={"file_path": "/data/notes.txt"})])

@@ -27,7 +27,7 @@ from llama_index.core.base.llms.types import (
     ThinkingBlock,
     ToolCallBlock,
 )
-from llama_index.core.schema import ImageDocument, ImageNode
+from llama_index.core.schema import BaseNode, ImageDocument, ImageNode
 
 from .. import tools
 from ..errors import ImageError, InvalidRequestError
@@ -95,7 +95,24 @@ def to_image_block(item: Any, label: str = "image") -> ImageBlock:
             return image_node_to_image_block(item)  # type: ignore[arg-type]  # duck-typed: works for both
         except ValueError as exc:
             raise ImageError(f"{label}: {exc}") from None
+    if isinstance(item, BaseNode) and (source := _image_file_of(item)):
+        raise InvalidRequestError(
+            f"{label}: a text {type(item).__name__} read from the image file {source}: SimpleDirectoryReader "
+            "reads image files as ImageDocuments only with llama-index-readers-file installed "
+            "(pip install llama-index-readers-file); without it, it reads their bytes as text"
+        )
     raise InvalidRequestError(f"{label}: expected an ImageBlock, ImageNode or ImageDocument, got {type(item).__name__}")
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def _image_file_of(node: BaseNode) -> str | None:
+    """The image file a text node was read from, per the metadata SimpleDirectoryReader writes."""
+    meta = node.metadata or {}
+    source = str(meta.get("file_path") or meta.get("file_name") or "")
+    is_image = str(meta.get("file_type") or "").startswith("image/") or source.lower().endswith(_IMAGE_SUFFIXES)
+    return (source or "(unnamed)") if is_image else None
 
 
 def _parts(blocks: Sequence[Any], where: str, counter: list[int], calls: list[ToolCallBlock] | None) -> Iterator[Part]:
