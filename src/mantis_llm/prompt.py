@@ -24,6 +24,7 @@ or end a turn.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -40,6 +41,10 @@ ROLE_NAMES = {"user": "USER", "assistant": "ASSISTANT"}
 _RESERVED = re.compile(r"<(/?s|image)>")
 
 Mode = Literal["local", "fal"]
+
+
+class MidConversationSystemWarning(UserWarning):
+    """A system message came after the dialogue began; Mantis reads it at the top instead."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,15 @@ def render(conversation: Conversation, mode: Mode = "local") -> RenderedPrompt:
         return _join(pieces).strip()
 
     numbered = list(enumerate(turns, 1))
+    first_dialogue = next(i for i, t in enumerate(turns) if t.role != "system")  # a user turn exists
+    if any(t.role == "system" for t in turns[first_dialogue:]):
+        warnings.warn(
+            "a system message after the conversation's first user or assistant message is moved to the "
+            "top: Mantis's prompt has one system text, before the dialogue (put the instruction in a "
+            "user message to keep it in place)",
+            MidConversationSystemWarning,
+            stacklevel=2,
+        )
     system_parts = [content(m, t.parts) for m, t in numbered if t.role == "system"]
     system = "\n".join(s for s in system_parts if s)
     dialogue = [(t.role, content(m, t.parts)) for m, t in numbered if t.role != "system"]

@@ -376,6 +376,7 @@ def test_labeled_images_counts_per_message(png_bytes, jpeg_bytes):
     assert [img for _, img in got] == [a, b, c, d] == conv.images
 
 
+@pytest.mark.filterwarnings("ignore::mantis_llm.prompt.MidConversationSystemWarning")  # the system turn is last
 def test_labeled_images_follow_prompt_order_with_system_images(png_bytes):
     from mantis_llm.prompt import render
 

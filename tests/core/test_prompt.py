@@ -3,6 +3,8 @@ conv_mllava_v1 template in DESIGN.md, not produced by the code under test."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 from mantis_llm.errors import InvalidRequestError
@@ -156,3 +158,17 @@ def test_empty_conversations_rejected(turns, match):
 def test_bad_mode():
     with pytest.raises(ValueError, match="mode must be"):
         render(Conversation([Turn("user", ["x"])]), mode="openai")
+
+
+def test_a_system_message_mid_conversation_warns_that_it_moves_to_the_top():
+    from mantis_llm.prompt import MidConversationSystemWarning
+
+    turns = [Turn("user", ["hi"]), Turn("assistant", ["hello"]), Turn("system", ["Answer in French."])]
+    conv = Conversation([*turns, Turn("user", ["and now?"])])
+    with pytest.warns(MidConversationSystemWarning, match="moved to the top"):
+        text = render(conv).text
+    assert text.startswith("Answer in French.</s>USER: hi</s>")
+    leading = Conversation([Turn("system", ["Answer in French."]), *turns[:2], Turn("user", ["and now?"])])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # system messages first: no warning
+        assert render(leading).text == text

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import re
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
@@ -26,6 +27,9 @@ from mantis_llm.llama_index import to_conversation
 from mantis_llm.prompt import IMAGE_TOKEN, SEP, render
 
 from .conftest import png
+
+# the conversations put system messages anywhere; that Mantis moves them up is tested in core
+pytestmark = pytest.mark.filterwarnings("ignore::mantis_llm.prompt.MidConversationSystemWarning")
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 PNG = png(8, 8)
