@@ -38,11 +38,25 @@ class BackendSlot:
         self.lock = threading.Lock()
         self._counter: tuple[Any, TokenCounter] | None = None
 
-    def get(self, build: Callable[[], Backend]) -> Backend:
+    def get(self, adapter: Any, api_key: Any) -> Backend:
+        """The backend ``adapter``'s fields describe (``backend``, ``model``, ``timeout``,
+        ``max_retries``, ``base_url``, ``backend_options``; both adapters name them alike): the
+        instance it was given, else the one built on first use and then reused.
+        ``api_key=None``: the backend reads the environment."""
+        if isinstance(adapter.backend, Backend):
+            return adapter.backend
         if self.backend is None:
             with self.lock:
                 if self.backend is None:
-                    self.backend = build()
+                    self.backend = resolve_backend(
+                        adapter.backend,
+                        adapter.model,
+                        api_key=api_key,
+                        timeout=adapter.timeout,
+                        max_retries=adapter.max_retries,
+                        base_url=adapter.base_url,
+                        **adapter.backend_options,
+                    )
         return self.backend
 
     def token_counter(self, backend: str | Backend, model: str | None, backend_options: dict[str, Any]) -> TokenCounter:
@@ -87,22 +101,6 @@ class BackendSlot:
 
     def __reduce__(self) -> tuple[type[BackendSlot], tuple[()]]:
         return (BackendSlot, ())
-
-
-def build_backend(
-    backend: str | Backend,
-    model: str | None,
-    *,
-    api_key: Any,
-    timeout: float | None,
-    max_retries: int | None,
-    base_url: str | None = None,
-    backend_options: dict[str, Any],
-) -> Backend:
-    """The backend an adapter's fields describe (``api_key=None``: the backend reads the environment)."""
-    return resolve_backend(
-        backend, model, api_key=api_key, timeout=timeout, max_retries=max_retries, base_url=base_url, **backend_options
-    )
 
 
 def check_fields(

@@ -22,7 +22,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import AliasChoices, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
 from .. import tools as mantis_tools
-from .._adapter import BackendSlot, build_backend, check_backend, check_fields, key_for, provider, typed_errors
+from .._adapter import BackendSlot, check_backend, check_fields, key_for, provider, typed_errors
 from ..backends import DEFAULT_FAL_ENDPOINT, Backend, resolve_model
 from ..errors import InvalidRequestError
 from ..tokens import TokenCounter
@@ -311,21 +311,9 @@ class ChatMantis(BaseChatModel):
 
     def get_backend(self) -> Backend:
         """The backend this model runs on, built on first use and then reused."""
-        if isinstance(self.backend, Backend):
-            return self.backend
-        return self._slot.get(
-            lambda: build_backend(
-                self.backend,
-                self.model,
-                # LangChain's convention: an empty key is no key (secret_from_env gives "" for an
-                # empty FAL_KEY), so FAL_KEY_ID + FAL_KEY_SECRET still apply. LlamaIndex refuses it.
-                api_key=key_for(self.backend, self.api_key or None, "api_key" in self.model_fields_set),
-                timeout=self.timeout,
-                max_retries=self.max_retries,
-                base_url=self.base_url,
-                backend_options=self.backend_options,
-            )
-        )
+        # LangChain's convention: an empty key is no key (secret_from_env gives "" for an
+        # empty FAL_KEY), so FAL_KEY_ID + FAL_KEY_SECRET still apply. LlamaIndex refuses it.
+        return self._slot.get(self, key_for(self.backend, self.api_key or None, "api_key" in self.model_fields_set))
 
     def close(self) -> None:
         """Release the backend this model built (a backend instance you passed is yours)."""

@@ -42,7 +42,7 @@ from llama_index.core.multi_modal_llms import MultiModalLLM, MultiModalLLMMetada
 from llama_index.core.tools import BaseTool, ToolSelection
 
 from .. import tools as mantis_tools
-from .._adapter import BackendSlot, backend_label, build_backend, check_backend, check_fields, typed_errors
+from .._adapter import BackendSlot, backend_label, check_backend, check_fields, typed_errors
 from ..backends import DEFAULT_FAL_ENDPOINT, Backend, resolve_model
 from ..tokens import TokenCounter
 from ..types import GenerationParams, Request, Response, ToolSpec, Update
@@ -197,19 +197,7 @@ class _MantisBase(BaseModel):
 
     def get_backend(self) -> Backend:
         """The backend this model runs on, built on first use and then reused."""
-        if isinstance(self.backend, Backend):
-            return self.backend
-        return self._slot.get(
-            lambda: build_backend(
-                self.backend,
-                self.model,
-                api_key=self.api_key,
-                timeout=self.timeout,
-                max_retries=self.max_retries,
-                base_url=self.base_url,
-                backend_options=self.backend_options,
-            )
-        )
+        return self._slot.get(self, self.api_key)
 
     def close(self) -> None:
         """Release the backend this model built (a backend instance you passed is yours)."""
